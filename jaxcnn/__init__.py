@@ -1,0 +1,22 @@
+"""jaxcnn: CNN building blocks as pure JAX functions, each with a hand-derived gradient.
+
+Every op takes ``impl="lax"`` (lax primitives, JAX's autodiff: the reference) or
+``impl="manual"`` (explicit forward, the lecture's backward registered with ``jax.custom_vjp``).
+"""
+
+from .conv import conv
+from .dense import cross_entropy, dense, flatten, log_softmax, relu
+from .pool import avg_pool, max_pool
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "conv",
+    "max_pool",
+    "avg_pool",
+    "dense",
+    "relu",
+    "flatten",
+    "log_softmax",
+    "cross_entropy",
+]

@@ -1,0 +1,346 @@
+"""The one place for argument truth: normalization, padding rules, output sizes, errors.
+
+Both implementations (``impl="lax"`` and ``impl="manual"``) and every hand-derived backward
+pass take their strides, paddings, dilations and windows from here, so the two paths cannot
+disagree about what an argument means, and they raise the same errors.
+
+Shape vocabulary (used word for word in every docstring):
+``x: (N, *spatial, C_in)``, ``kernel: (*window, C_in // groups, C_out)``, ``bias: (C_out,)``,
+returns ``(N, *out_spatial, C_out)``.
+
+Output-size rule (the only one in the project). For one spatial dimension with input size
+``n``, padding ``(lo, hi)``, window (kernel) size ``k``, kernel dilation ``d`` and stride ``s``,
+the dilated window is ``k_eff = (k - 1) * d + 1`` and
+
+    out = floor((n + lo + hi - k_eff) / s) + 1.
+
+The ``r = (n + lo + hi - k_eff) mod s`` trailing rows that no window reaches are the
+*stride remainder*: the forward drops them, and the backward pass must give them a zero
+gradient (see :func:`conv_input_grad_padding`).
+
+Padding forms: ``"VALID"`` (no padding), ``"SAME"`` (lax's rule: ``out = ceil(n / s)``, total
+padding ``max((out - 1) * s + k_eff - n, 0)``, the odd extra unit at the end), an int ``p``
+(``(p, p)`` on every spatial dim), or one ``(lo, hi)`` pair per spatial dim.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+IMPLS = ("lax", "manual")
+
+Pads = tuple[tuple[int, int], ...]
+
+
+class WindowConfig(NamedTuple):
+    """A fully normalized, hashable window configuration (a static jit argument).
+
+    Every field has one entry per spatial dimension.
+    """
+
+    window: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: Pads
+    dilation: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.window)
+
+    @property
+    def effective_window(self) -> tuple[int, ...]:
+        """Window size after kernel dilation: ``(k - 1) * d + 1``."""
+        return tuple((k - 1) * d + 1 for k, d in zip(self.window, self.dilation))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers. Every message names the function and the argument, what was expected and
+# what was given.
+
+
+def _fmt_shape(shape) -> str:
+    return "(" + ", ".join(str(int(s)) for s in shape) + (",)" if len(shape) == 1 else ")")
+
+
+def check_impl(fn: str, impl) -> str:
+    if not isinstance(impl, str):
+        raise TypeError(f"{fn}: impl must be a string, one of {IMPLS}; got {impl!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"{fn}: impl must be one of {IMPLS}; got {impl!r}")
+    return impl
+
+
+def check_array(fn: str, name: str, a, *, floating: bool = True):
+    """Check that ``a`` is an array-like with a (floating) numeric dtype; return its shape."""
+    shape = getattr(a, "shape", None)
+    dtype = getattr(a, "dtype", None)
+    if shape is None or dtype is None:
+        if isinstance(a, (int, float, list, tuple)) or hasattr(a, "__array__"):
+            arr = np.asarray(a)
+            shape, dtype = arr.shape, arr.dtype
+        else:
+            raise TypeError(f"{fn}: {name} must be an array; got {type(a).__name__}")
+    if floating and not np.issubdtype(np.dtype(dtype), np.floating):
+        raise TypeError(
+            f"{fn}: {name} must have a floating dtype (float16, bfloat16, float32 or float64); "
+            f"got {np.dtype(dtype).name}"
+        )
+    return tuple(shape)
+
+
+def _as_int(fn: str, name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{fn}: {name} must be an int or a tuple of ints; got {v!r}")
+    return int(operator.index(v))
+
+
+def to_tuple(fn: str, name: str, v, ndim: int, *, minimum: int = 1) -> tuple[int, ...]:
+    """``int -> (int,) * ndim``; a sequence must have ``ndim`` ints, each ``>= minimum``."""
+    if isinstance(v, (list, tuple)):
+        vals = tuple(_as_int(fn, name, e) for e in v)
+        if len(vals) != ndim:
+            raise ValueError(
+                f"{fn}: {name} must be an int or a tuple of {ndim} ints (one per spatial "
+                f"dimension); got {tuple(v)!r}"
+            )
+    else:
+        vals = (_as_int(fn, name, v),) * ndim
+    for e in vals:
+        if e < minimum:
+            raise ValueError(f"{fn}: {name} must be >= {minimum}; got {v!r}")
+    return vals
+
+
+def same_padding(size: int, window: int, stride: int) -> tuple[int, int]:
+    """lax's "SAME" rule for one dim: output ``ceil(size / stride)``, extra unit at the end."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + window - size, 0)
+    return total // 2, total - total // 2
+
+
+def resolve_padding(fn: str, padding, spatial: Sequence[int], eff_window: Sequence[int],
+                    stride: Sequence[int]) -> Pads:
+    """Turn any padding form into one ``(lo, hi)`` pair of ints per spatial dimension."""
+    ndim = len(spatial)
+    if isinstance(padding, str):
+        mode = padding.upper()
+        if mode == "VALID":
+            return ((0, 0),) * ndim
+        if mode == "SAME":
+            return tuple(same_padding(n, k, s) for n, k, s in zip(spatial, eff_window, stride))
+        raise ValueError(
+            f"{fn}: padding must be 'VALID', 'SAME', an int or {ndim} (low, high) pairs; "
+            f"got {padding!r}"
+        )
+    if isinstance(padding, (int, np.integer)) and not isinstance(padding, bool):
+        p = int(padding)
+        if p < 0:
+            raise ValueError(f"{fn}: padding must be >= 0; got {padding!r}")
+        return ((p, p),) * ndim
+    if isinstance(padding, (list, tuple)):
+        if len(padding) != ndim or not all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in padding
+        ):
+            raise ValueError(
+                f"{fn}: padding must be 'VALID', 'SAME', an int or {ndim} (low, high) pairs "
+                f"(one per spatial dimension); got {padding!r}"
+            )
+        pads = tuple((_as_int(fn, "padding", lo), _as_int(fn, "padding", hi))
+                     for lo, hi in padding)
+        if any(lo < 0 or hi < 0 for lo, hi in pads):
+            raise ValueError(f"{fn}: padding must be >= 0; got {padding!r}")
+        return pads
+    raise TypeError(
+        f"{fn}: padding must be 'VALID', 'SAME', an int or {ndim} (low, high) pairs; "
+        f"got {type(padding).__name__} {padding!r}"
+    )
+
+
+def output_size(n: int, pad: tuple[int, int], eff_window: int, stride: int) -> int:
+    """The output-size rule: ``floor((n + lo + hi - k_eff) / s) + 1``."""
+    return (n + pad[0] + pad[1] - eff_window) // stride + 1
+
+
+def output_spatial(spatial: Sequence[int], cfg: WindowConfig) -> tuple[int, ...]:
+    return tuple(output_size(n, p, k, s) for n, p, k, s in
+                 zip(spatial, cfg.padding, cfg.effective_window, cfg.stride))
+
+
+def stride_remainder(n: int, pad: tuple[int, int], eff_window: int, stride: int) -> int:
+    """Trailing padded positions that no window reaches: ``(n + lo + hi - k_eff) mod s``."""
+    return (n + pad[0] + pad[1] - eff_window) % stride
+
+
+def _check_fits(fn: str, what: str, spatial, cfg: WindowConfig, x_shape, extra: str = ""):
+    for n, (lo, hi), k in zip(spatial, cfg.padding, cfg.effective_window):
+        if n + lo + hi < k:
+            raise ValueError(
+                f"{fn}: the {what} ({_fmt_shape(cfg.effective_window)}{extra}) is larger than "
+                f"the padded input ({_fmt_shape(tuple(n + lo + hi for n, (lo, hi) in zip(spatial, cfg.padding)))}); "
+                f"x has shape {_fmt_shape(x_shape)}, padding {cfg.padding}"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Per-op normalizers, shared by both impls.
+
+
+def conv_config(x_shape, k_shape, b_shape, *, stride, padding, dilation, groups,
+                fn: str = "conv") -> WindowConfig:
+    """Validate a convolution's arguments and return its normalized :class:`WindowConfig`."""
+    nd = len(k_shape) - 2
+    if nd not in (1, 2, 3):
+        raise ValueError(
+            f"{fn}: kernel must have rank 3, 4 or 5, (*window, C_in // groups, C_out) for 1, 2 "
+            f"or 3 spatial dims; got kernel shape {_fmt_shape(k_shape)} (rank {len(k_shape)})"
+        )
+    if len(x_shape) != nd + 2:
+        raise ValueError(
+            f"{fn}: x must have rank {nd + 2}, (N, *spatial, C_in) with {nd} spatial dims as "
+            f"the kernel has; got x shape {_fmt_shape(x_shape)} (rank {len(x_shape)}) and "
+            f"kernel shape {_fmt_shape(k_shape)}"
+        )
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)):
+        raise TypeError(f"{fn}: groups must be an int; got {groups!r}")
+    groups = int(groups)
+    if groups < 1:
+        raise ValueError(f"{fn}: groups must be >= 1; got {groups}")
+    c_in, k_in, c_out = x_shape[-1], k_shape[-2], k_shape[-1]
+    if c_in % groups:
+        raise ValueError(
+            f"{fn}: groups ({groups}) must divide the x channels (x.shape[-1]={c_in}); "
+            f"x has shape {_fmt_shape(x_shape)}"
+        )
+    if c_out % groups:
+        raise ValueError(
+            f"{fn}: groups ({groups}) must divide the kernel out-channels "
+            f"(kernel.shape[-1]={c_out}); kernel has shape {_fmt_shape(k_shape)}"
+        )
+    if k_in * groups != c_in:
+        raise ValueError(
+            f"{fn}: kernel in-channels (kernel.shape[-2]={k_in}) times groups ({groups}) must "
+            f"equal x channels (x.shape[-1]={c_in}); x has shape {_fmt_shape(x_shape)}, kernel "
+            f"{_fmt_shape(k_shape)}"
+        )
+    if b_shape is not None and tuple(b_shape) != (c_out,):
+        raise ValueError(
+            f"{fn}: bias must have shape (C_out,) = ({c_out},); got bias shape "
+            f"{_fmt_shape(b_shape)}"
+        )
+    window = tuple(int(k) for k in k_shape[:nd])
+    stride_t = to_tuple(fn, "stride", stride, nd)
+    dilation_t = to_tuple(fn, "dilation", dilation, nd)
+    eff = tuple((k - 1) * d + 1 for k, d in zip(window, dilation_t))
+    spatial = tuple(int(n) for n in x_shape[1:-1])
+    pads = resolve_padding(fn, padding, spatial, eff, stride_t)
+    cfg = WindowConfig(window, stride_t, pads, dilation_t)
+    _check_fits(fn, "dilated kernel window", spatial, cfg, x_shape,
+                extra=f" = kernel {_fmt_shape(window)} with dilation {dilation_t}")
+    return cfg
+
+
+def pool_config(x_shape, window, *, stride, padding, fn: str) -> WindowConfig:
+    """Validate a pooling op's arguments. ``stride=None`` means stride = window."""
+    if isinstance(window, (list, tuple)):
+        nd = len(window)
+    elif isinstance(window, (int, np.integer)) and not isinstance(window, bool):
+        nd = len(x_shape) - 2
+    else:
+        raise TypeError(f"{fn}: window must be an int or a tuple of ints; got {window!r}")
+    if nd not in (1, 2, 3):
+        raise ValueError(
+            f"{fn}: window must have 1, 2 or 3 entries (one per spatial dim); got {window!r} "
+            f"for x of shape {_fmt_shape(x_shape)}"
+        )
+    if len(x_shape) != nd + 2:
+        raise ValueError(
+            f"{fn}: x must have rank {nd + 2}, (N, *spatial, C) with {nd} spatial dims to match "
+            f"window {window!r}; got x shape {_fmt_shape(x_shape)} (rank {len(x_shape)})"
+        )
+    window_t = to_tuple(fn, "window", window, nd)
+    stride_t = window_t if stride is None else to_tuple(fn, "stride", stride, nd)
+    spatial = tuple(int(n) for n in x_shape[1:-1])
+    pads = resolve_padding(fn, padding, spatial, window_t, stride_t)
+    for (lo, hi), k in zip(pads, window_t):
+        if lo >= k or hi >= k:
+            raise ValueError(
+                f"{fn}: padding must be smaller than the window on each side (a window made of "
+                f"padding only has no input to pool); got padding {pads}, window {window_t}"
+            )
+    cfg = WindowConfig(window_t, stride_t, pads, (1,) * nd)
+    _check_fits(fn, "window", spatial, cfg, x_shape)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Backward paddings, derived once here.
+
+
+def conv_input_grad_padding(spatial: Sequence[int], cfg: WindowConfig) -> Pads:
+    """Padding of the stride-dilated ``dZ`` for ``dX = pad(dilate_s(dZ)) ⋆ rot180(K)``.
+
+    Position ``p`` of the padded input is touched by output ``i`` and kernel tap ``m`` when
+    ``p = i * s + m * d``. Correlating the dilated ``dZ`` (length ``(out - 1) * s + 1``) with the
+    rotated kernel (dilated length ``k_eff``) at stride 1 gives the full convolution if ``dZ`` is
+    padded by ``k_eff - 1`` on both sides; we then drop the ``lo`` forward-padding rows at the
+    start and the ``hi`` rows at the end, and add back the ``r`` stride-remainder rows the
+    forward never reached (their gradient is zero):
+
+        low  = k_eff - 1 - lo
+        high = k_eff - 1 - hi + r,    r = (n + lo + hi - k_eff) mod s
+
+    Either can be negative (a forward padding wider than the window): that means crop.
+    """
+    out = []
+    for n, (lo, hi), k, s in zip(spatial, cfg.padding, cfg.effective_window, cfg.stride):
+        r = stride_remainder(n, (lo, hi), k, s)
+        out.append((k - 1 - lo, k - 1 - hi + r))
+    return tuple(out)
+
+
+def conv_kernel_grad_padding(spatial: Sequence[int], cfg: WindowConfig) -> Pads:
+    """Padding of ``X`` for ``dK = X ⋆ dZ``: the forward padding minus the stride remainder.
+
+    The ``r`` trailing rows no window reached do not contribute to any ``dK_mn``, so the high
+    side is cropped by ``r`` (it may become negative: crop).
+    """
+    return tuple((lo, hi - stride_remainder(n, (lo, hi), k, s)) for n, (lo, hi), k, s in
+                 zip(spatial, cfg.padding, cfg.effective_window, cfg.stride))
+
+
+def check_dense(fn: str, x_shape, w_shape, b_shape):
+    if len(w_shape) != 2:
+        raise ValueError(f"{fn}: w must have rank 2, (D_in, D_out); got w shape {_fmt_shape(w_shape)}")
+    if len(x_shape) < 1:
+        raise ValueError(f"{fn}: x must have rank >= 1, (..., D_in); got a scalar")
+    if x_shape[-1] != w_shape[0]:
+        raise ValueError(
+            f"{fn}: x features (x.shape[-1]={x_shape[-1]}) must equal w rows "
+            f"(w.shape[0]={w_shape[0]}); x has shape {_fmt_shape(x_shape)}, w {_fmt_shape(w_shape)}"
+        )
+    if b_shape is not None and tuple(b_shape) != (w_shape[1],):
+        raise ValueError(
+            f"{fn}: b must have shape (D_out,) = ({w_shape[1]},); got b shape {_fmt_shape(b_shape)}"
+        )
+
+
+def check_labels(fn: str, logits_shape, labels_shape, labels_dtype):
+    if len(logits_shape) != 2:
+        raise ValueError(
+            f"{fn}: logits must have rank 2, (N, num_classes); got shape {_fmt_shape(logits_shape)}"
+        )
+    if not np.issubdtype(np.dtype(labels_dtype), np.integer):
+        raise TypeError(f"{fn}: labels must be integers (N,); got dtype {np.dtype(labels_dtype).name}")
+    if tuple(labels_shape) != (logits_shape[0],):
+        raise ValueError(
+            f"{fn}: labels must have shape (N,) = ({logits_shape[0]},) to match logits "
+            f"{_fmt_shape(logits_shape)}; got {_fmt_shape(labels_shape)}"
+        )
+
+
+def prod(xs) -> int:
+    return math.prod(int(v) for v in xs)

@@ -1,0 +1,81 @@
+"""The manual path's window machinery, shared by conv and pooling.
+
+Three explicit operations, written with slices and pads only (no ``conv_general_dilated``, no
+``reduce_window``):
+
+- :func:`pad`: zero (or ``value``) padding of the spatial dims, with optional *interior*
+  padding (``s - 1`` zeros between elements: the lecture's "dilate dL/dZ by the stride"); a
+  negative padding crops.
+- :func:`taps`: for every window offset ``m`` (row-major order), the strided slice
+  ``Xpad[:, m * d : m * d + (out - 1) * s + 1 : s, :]``; tap ``m`` at output ``i`` is
+  ``Xpad[i * s + m * d]``. Stacked they are the patch ("im2col") matrix of the layer.
+- :func:`overlap_add`: the transpose of :func:`taps`: each tap's values are put back at
+  positions ``i * s + m * d`` and summed where windows overlap, then the forward padding is
+  cropped away.
+
+Arrays are channels-last, batch first: ``(N, *spatial, C)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+from jax import lax
+
+from ._shapes import Pads, WindowConfig, output_spatial
+
+
+def pad(x, pads: Pads, *, interior: Sequence[int] | None = None, value=0):
+    """Pad the spatial dims of ``x: (N, *spatial, C)``; negative entries crop."""
+    nd = len(pads)
+    interior = (0,) * nd if interior is None else tuple(interior)
+    if all(lo == 0 and hi == 0 for lo, hi in pads) and not any(interior):
+        return x
+    config = [(0, 0, 0)] + [(lo, hi, i) for (lo, hi), i in zip(pads, interior)] + [(0, 0, 0)]
+    return lax.pad(x, lax.convert_element_type(value, x.dtype), config)
+
+
+def offsets(cfg: WindowConfig):
+    """Window offsets ``m`` (one tuple per tap) in row-major order: the tie-break order."""
+    return list(itertools.product(*(range(k) for k in cfg.window)))
+
+
+def taps(xp, cfg: WindowConfig, out: Sequence[int]):
+    """The strided slices ``xp[:, m*d : m*d + (out-1)*s + 1 : s, :]``, one per offset ``m``.
+
+    ``xp`` is the already padded input. Slicing exactly ``out`` positions per tap means the
+    stride remainder (rows no window reaches) is never read.
+    """
+    n, c = xp.shape[0], xp.shape[-1]
+    result = []
+    for m in offsets(cfg):
+        start = tuple(mi * di for mi, di in zip(m, cfg.dilation))
+        limit = tuple(st + (o - 1) * s + 1 for st, o, s in zip(start, out, cfg.stride))
+        result.append(lax.slice(xp, (0, *start, 0), (n, *limit, c), (1, *cfg.stride, 1)))
+    return result
+
+
+def overlap_add(contribs, spatial: Sequence[int], cfg: WindowConfig):
+    """Transpose of :func:`taps` followed by cropping the forward padding.
+
+    ``contribs[t]: (N, *out, C)`` is the gradient that flows back through tap ``t``. Tap
+    ``m`` at output ``i`` read padded position ``p = i * s + m * d``; in unpadded coordinates
+    that is ``p - lo``. Each contribution is dilated by ``s - 1`` zeros, shifted to start at
+    ``m * d - lo`` and padded (or cropped) to the input size ``n``; the results are summed, so
+    positions shared by overlapping windows receive the sum of their contributions.
+    """
+    total = None
+    for m, c in zip(offsets(cfg), contribs):
+        pads = []
+        for mi, di, (lo, _), n, o, s in zip(m, cfg.dilation, cfg.padding, spatial,
+                                             c.shape[1:-1], cfg.stride):
+            low = mi * di - lo
+            pads.append((low, n - low - ((o - 1) * s + 1)))
+        placed = pad(c, tuple(pads), interior=tuple(s - 1 for s in cfg.stride))
+        total = placed if total is None else total + placed
+    return total
+
+
+def out_shape(x_shape, cfg: WindowConfig):
+    return output_spatial(x_shape[1:-1], cfg)

@@ -1,0 +1,217 @@
+"""Convolution: the public op, the lax forward, the manual forward, the hand-derived backward.
+
+``Z = X ⋆ K + B`` (cross-correlation, as in every deep-learning library).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from . import _shapes, _windows
+from ._shapes import WindowConfig
+
+
+def conv(x, kernel, bias=None, *, stride=1, padding="VALID", dilation=1, groups=1, impl="lax"):
+    """N-d convolution (cross-correlation) ``Z = X ⋆ K + B``, channels-last.
+
+    Args:
+      x: ``(N, *spatial, C_in)``, 1, 2 or 3 spatial dims.
+      kernel: ``(*window, C_in // groups, C_out)``; its rank sets the number of spatial dims.
+      bias: ``(C_out,)`` or None.
+      stride: an int or one int per spatial dim (positions skipped between windows).
+      padding: ``"VALID"`` (none), ``"SAME"`` (output ``ceil(in / stride)``, the odd extra pad
+        at the end, as in lax), an int, or one ``(low, high)`` pair per spatial dim.
+      dilation: kernel dilation, an int or one per spatial dim (``d - 1`` holes between taps).
+      groups: channel groups; ``groups == C_in`` with ``C_out = C_in * mult`` is depthwise.
+      impl: ``"lax"`` (``lax.conv_general_dilated``, JAX's autodiff) or ``"manual"`` (explicit
+        patches, the lecture's backward registered with ``jax.custom_vjp``).
+
+    Returns:
+      ``(N, *out_spatial, C_out)``, with the output-size rule of :mod:`jaxcnn._shapes`:
+      ``out = floor((n + lo + hi - k_eff) / s) + 1``, ``k_eff = (k - 1) * d + 1``.
+
+    float16 / bfloat16 inputs accumulate in float32 and return their own dtype.
+    """
+    fn = "conv"
+    impl = _shapes.check_impl(fn, impl)
+    x_shape = _shapes.check_array(fn, "x", x)
+    k_shape = _shapes.check_array(fn, "kernel", kernel)
+    b_shape = None if bias is None else _shapes.check_array(fn, "bias", bias)
+    cfg = _shapes.conv_config(x_shape, k_shape, b_shape, stride=stride, padding=padding,
+                              dilation=dilation, groups=groups)
+    return _conv_jit(x, kernel, bias, cfg=cfg, groups=int(groups), impl=impl)
+
+
+@partial(jax.jit, static_argnames=("cfg", "groups", "impl"))
+def _conv_jit(x, kernel, bias, *, cfg, groups, impl):
+    dtype = jnp.result_type(x, kernel, *(() if bias is None else (bias,)))
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    bias = None if bias is None else bias.astype(dtype)
+    if impl == "lax":
+        return _conv_lax(x, kernel, bias, cfg, groups)
+    return _conv_manual(x, kernel, bias, cfg, groups)
+
+
+def _accum_dtype(dtype):
+    """float16 / bfloat16 accumulate in float32; everything else in its own dtype."""
+    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
+
+
+# --------------------------------------------------------------------------------------------
+# The lax forward: the reference. Gradients come from JAX's own autodiff.
+
+
+def _conv_lax(x, kernel, bias, cfg: WindowConfig, groups: int):
+    nd = cfg.ndim
+    spatial = tuple(range(1, nd + 1))
+    dn = lax.ConvDimensionNumbers(lhs_spec=(0, nd + 1, *spatial),
+                                  rhs_spec=(nd + 1, nd, *range(nd)),
+                                  out_spec=(0, nd + 1, *spatial))
+    z = lax.conv_general_dilated(
+        x, kernel, window_strides=cfg.stride, padding=cfg.padding, rhs_dilation=cfg.dilation,
+        dimension_numbers=dn, feature_group_count=groups,
+        preferred_element_type=_accum_dtype(x.dtype))
+    if bias is not None:
+        z = z + bias.astype(z.dtype)
+    return z.astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The manual forward, written out: Z_i = Σ_m Xpad[i * s + m * d] · K_m  (+ B).
+
+
+def _correlate(x, kernel, cfg: WindowConfig, groups: int):
+    """``Z[n, i, co] = Σ_{m, ci} Xpad[n, i * s + m * d, ci] · K[m, ci, co]``, per group.
+
+    The taps ``Xpad[:, i * s + m * d, :]`` (one strided slice per kernel offset ``m``) are
+    stacked into the patch matrix ``P: (N, *out, T, C_in)`` and multiplied by the kernel
+    flattened to ``(T, C_in / G, C_out)``, group by group. No ``conv_general_dilated``.
+    """
+    out = _windows.out_shape(x.shape, cfg)
+    p = _patches(x, cfg, out)                                  # (N, *out, T, C_in)
+    t, g = p.shape[-2], groups
+    patches = p.reshape(*p.shape[:-1], g, p.shape[-1] // g)   # (N, *out, T, G, C_in/G)
+    k = kernel.reshape(t, kernel.shape[-2], g, kernel.shape[-1] // g)   # (T, C_in/G, G, C_out/G)
+    z = jnp.einsum("...tgc,tcgo->...go", patches, k,
+                   preferred_element_type=_accum_dtype(x.dtype))
+    return z.reshape(*z.shape[:-2], kernel.shape[-1])
+
+
+def _patches(x, cfg: WindowConfig, out):
+    """The patch matrix ``P[n, i, m, g, c] = Xpad[n, i * s + m * d, g * C_in/G + c]``."""
+    xp = _windows.pad(x, cfg.padding)
+    return jnp.stack(_windows.taps(xp, cfg, out), axis=-2)   # (N, *out, T, C_in)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _conv_manual(x, kernel, bias, cfg: WindowConfig, groups: int):
+    """The manual convolution; its backward is :func:`_conv_bwd` (the lecture's formulas)."""
+    return _conv_manual_forward(x, kernel, bias, cfg, groups)
+
+
+def _conv_manual_forward(x, kernel, bias, cfg: WindowConfig, groups: int):
+    """``Z = X ⋆ K + B`` through :func:`_correlate`, without the custom VJP (plain autodiff)."""
+    z = _correlate(x, kernel, cfg, groups)
+    if bias is not None:
+        z = z + bias.astype(z.dtype)
+    return z.astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The backward: the lecture's three formulas.
+
+
+def _conv_fwd(x, kernel, bias, cfg, groups):
+    return _conv_manual(x, kernel, bias, cfg, groups), (x, kernel, bias is not None)
+
+
+def _conv_bwd(cfg: WindowConfig, groups: int, res, dz):
+    """Backward of ``Z = X ⋆ K + B`` for ``L(Z)``, with ``dZ = dL/dZ``:
+
+    - ``dK = X ⋆ dZ``: ``dK_m = Σ_{n,i} Xpad[n, i * s + m * d] · dZ[n, i]`` for each kernel
+      offset ``m`` (the chain rule ``dL/dK_m = Σ_i dL/dz_i · ∂z_i/∂K_m`` with
+      ``∂z_i/∂K_m = Xpad[i * s + m * d]``). With stride ``s`` the correlation steps through
+      ``X`` in jumps of ``s`` (``dZ`` dilated by ``s - 1`` zeros); the stride-remainder rows
+      the forward dropped are never read (:func:`jaxcnn._shapes.conv_kernel_grad_padding`).
+      Computed as ``Pᵀ · dZ`` with the forward's own patch matrix ``P``; with groups, per
+      group.
+    - ``dB = Σ_{n,i} dZ[n, i]``.
+    - ``dX = pad(dilate_s(dZ)) ⋆ rot180(K)ᵀ``: the full convolution of the zero-padded,
+      stride-dilated ``dZ`` with the kernel rotated by 180° and its in/out channels swapped
+      (per group), with the forward's kernel dilation ``d``. Paddings from
+      :func:`jaxcnn._shapes.conv_input_grad_padding` (negative = crop). See
+      :func:`_conv_input_grad` (gather form) and :func:`_conv_input_grad_scatter`.
+    """
+    x, kernel, has_bias = res
+    dk = _conv_kernel_grad(x, dz, cfg, groups, kernel.shape)
+    db = None
+    if has_bias:
+        db = jnp.sum(dz, axis=tuple(range(dz.ndim - 1)), dtype=_accum_dtype(dz.dtype))
+    dx = _conv_input_grad(dz, kernel, x.shape, cfg, groups)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype), None if db is None else db.astype(dz.dtype)
+
+
+def _conv_kernel_grad(x, dz, cfg: WindowConfig, groups: int, k_shape):
+    """``dK = X ⋆ dZ``, i.e. ``dK[m, c, g, o] = Σ_{n,i} P[n, i, m, g, c] · dZ[n, i, g, o]``."""
+    out = dz.shape[1:-1]
+    p = _patches(x, cfg, out)                                  # (N, *out, T, C_in)
+    p = p.reshape(*p.shape[:-1], groups, p.shape[-1] // groups)
+    d = dz.reshape(*dz.shape[:-1], groups, dz.shape[-1] // groups)
+    lead = "NHWDE"[: dz.ndim - 1]
+    dk = jnp.einsum(f"{lead}tgc,{lead}go->tcgo", p, d, preferred_element_type=_accum_dtype(x.dtype))
+    return dk.reshape(k_shape)
+
+
+def _rot180_swap(kernel, groups: int):
+    """``rot180(K)`` with in/out channels swapped per group: ``(*w, C_in/G, C_out)`` →
+    ``(*w, C_out/G, C_in)``. ``rot180`` flips every spatial axis (a 180° turn in 2-D)."""
+    nd = kernel.ndim - 2
+    w, ci, co = kernel.shape[:nd], kernel.shape[-2], kernel.shape[-1]
+    k = jnp.flip(kernel, axis=tuple(range(nd)))
+    k = k.reshape(*w, ci, groups, co // groups)                # (*w, C_in/G, G, C_out/G)
+    k = jnp.moveaxis(k, -3, -1)                                 # (*w, G, C_out/G, C_in/G)
+    k = jnp.swapaxes(k, -3, -2)                                 # (*w, C_out/G, G, C_in/G)
+    return k.reshape(*w, co // groups, groups * ci)
+
+
+def _conv_input_grad(dz, kernel, x_shape, cfg: WindowConfig, groups: int):
+    """Gather form: ``dX = pad(dilate_s(dZ)) ⋆ rot180(K)ᵀ`` at stride 1, kernel dilation ``d``.
+
+    ``dilate_s`` inserts ``s - 1`` zeros between the entries of ``dZ``; ``pad`` uses
+    ``low = k_eff - 1 - lo``, ``high = k_eff - 1 - hi + r`` (``r`` the stride remainder),
+    negative values cropping. The convolution is the manual one (:func:`_conv_manual`, so
+    grad-of-grad again uses the hand-derived rule): backprop through a conv is a conv.
+    """
+    spatial = x_shape[1:-1]
+    dz_dil = _windows.pad(dz, ((0, 0),) * cfg.ndim, interior=tuple(s - 1 for s in cfg.stride))
+    back = WindowConfig(cfg.window, (1,) * cfg.ndim,
+                        _shapes.conv_input_grad_padding(spatial, cfg), cfg.dilation)
+    return _conv_manual(dz_dil, _rot180_swap(kernel, groups), None, back, groups)
+
+
+def _conv_input_grad_scatter(dz, kernel, x_shape, cfg: WindowConfig, groups: int):
+    """Scatter form of the same ``dX``: ``dX = Σ_m place_m(dZ · K_mᵀ)``.
+
+    Each output ``z_i`` received ``Σ_m Xpad[i s + m d] K_m``, so ``∂L/∂Xpad[p] =
+    Σ_{(i, m): i s + m d = p} dZ_i K_mᵀ``: compute ``dZ · K_mᵀ`` for every offset ``m`` (one
+    matrix product), put it back at positions ``i s + m d`` (:func:`_windows.overlap_add`,
+    which also crops the forward padding) and sum over ``m``. Substituting ``m' = k - 1 - m``
+    (rot180) and ``p = j + m' d - (k_eff - 1)`` shows that this is the gather form's full
+    convolution with the terms summed in the other order: for every ``p`` both sum
+    ``dZ_i K_mᵀ`` over the same pairs ``(i, m)``.
+    """
+    t = int(np.prod(cfg.window))
+    ci, co = kernel.shape[-2], kernel.shape[-1]
+    k = kernel.reshape(t, ci, groups, co // groups)             # (T, C_in/G, G, C_out/G)
+    d = dz.reshape(*dz.shape[:-1], groups, co // groups)
+    contrib = jnp.einsum("...go,tcgo->t...gc", d, k, preferred_element_type=_accum_dtype(dz.dtype))
+    contrib = contrib.reshape(t, *dz.shape[:-1], groups * ci).astype(dz.dtype)
+    return _windows.overlap_add(list(contrib), x_shape[1:-1], cfg)
+
+
+_conv_manual.defvjp(_conv_fwd, _conv_bwd)
