@@ -251,15 +251,23 @@ def cross_entropy(logits, labels, *, impl="lax"):
     impl = _shapes.check_impl(fn, impl)
     l_shape = _shapes.check_array(fn, "logits", logits)
     y_shape = _shapes.check_array(fn, "labels", labels, floating=False)
-    _shapes.check_labels(fn, l_shape, y_shape, getattr(labels, "dtype", np.asarray(labels).dtype))
-    if not isinstance(labels, jax.core.Tracer):
-        lab = np.asarray(labels)
-        if lab.size and (lab.min() < 0 or lab.max() >= l_shape[1]):
-            raise ValueError(
-                f"cross_entropy: labels must lie in [0, {l_shape[1]}) for logits of shape "
-                f"{tuple(l_shape)}; got values from {lab.min()} to {lab.max()}"
-            )
+    y_dtype = labels.dtype if hasattr(labels, "dtype") else np.asarray(labels).dtype
+    _shapes.check_labels(fn, l_shape, y_shape, y_dtype)
+    lab = _concrete(labels)
+    if lab is not None and lab.size and (lab.min() < 0 or lab.max() >= l_shape[1]):
+        raise ValueError(
+            f"cross_entropy: labels must lie in [0, {l_shape[1]}) for logits of shape "
+            f"{tuple(l_shape)}; got values from {lab.min()} to {lab.max()}"
+        )
     return _cross_entropy_jit(logits, labels, impl=impl)
+
+
+def _concrete(a):
+    """The value of ``a`` as a numpy array, or None when it is traced (inside jit / grad)."""
+    try:
+        return np.asarray(a)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
 
 
 @partial(jax.jit, static_argnames=("impl",))
