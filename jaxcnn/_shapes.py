@@ -29,6 +29,7 @@ import math
 import operator
 from typing import NamedTuple, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 IMPLS = ("lax", "manual")
@@ -84,7 +85,7 @@ def check_array(fn: str, name: str, a, *, floating: bool = True):
             shape, dtype = arr.shape, arr.dtype
         else:
             raise TypeError(f"{fn}: {name} must be an array; got {type(a).__name__}")
-    if floating and not np.issubdtype(np.dtype(dtype), np.floating):
+    if floating and not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
             f"{fn}: {name} must have a floating dtype (float16, bfloat16, float32 or float64); "
             f"got {np.dtype(dtype).name}"

@@ -145,14 +145,14 @@ def _conv_bwd(cfg: WindowConfig, groups: int, res, dz):
       stride-dilated ``dZ`` with the kernel rotated by 180° and its in/out channels swapped
       (per group), with the forward's kernel dilation ``d``. Paddings from
       :func:`jaxcnn._shapes.conv_input_grad_padding` (negative = crop). See
-      :func:`_conv_input_grad` (gather form) and :func:`_conv_input_grad_scatter`.
+      :func:`_conv_input_grad_gather` (gather form) and :func:`_conv_input_grad_scatter`.
     """
     x, kernel, has_bias = res
     dk = _conv_kernel_grad(x, dz, cfg, groups, kernel.shape)
     db = None
     if has_bias:
         db = jnp.sum(dz, axis=tuple(range(dz.ndim - 1)), dtype=_accum_dtype(dz.dtype))
-    dx = _conv_input_grad(dz, kernel, x.shape, cfg, groups)
+    dx = _conv_input_grad_gather(dz, kernel, x.shape, cfg, groups)
     return dx.astype(x.dtype), dk.astype(kernel.dtype), None if db is None else db.astype(dz.dtype)
 
 
@@ -179,7 +179,7 @@ def _rot180_swap(kernel, groups: int):
     return k.reshape(*w, co // groups, groups * ci)
 
 
-def _conv_input_grad(dz, kernel, x_shape, cfg: WindowConfig, groups: int):
+def _conv_input_grad_gather(dz, kernel, x_shape, cfg: WindowConfig, groups: int):
     """Gather form: ``dX = pad(dilate_s(dZ)) ⋆ rot180(K)ᵀ`` at stride 1, kernel dilation ``d``.
 
     ``dilate_s`` inserts ``s - 1`` zeros between the entries of ``dZ``; ``pad`` uses
