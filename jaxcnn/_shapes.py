@@ -177,13 +177,13 @@ def stride_remainder(n: int, pad: tuple[int, int], eff_window: int, stride: int)
 
 
 def _check_fits(fn: str, what: str, spatial, cfg: WindowConfig, x_shape, extra: str = ""):
-    for n, (lo, hi), k in zip(spatial, cfg.padding, cfg.effective_window):
-        if n + lo + hi < k:
-            raise ValueError(
-                f"{fn}: the {what} ({_fmt_shape(cfg.effective_window)}{extra}) is larger than "
-                f"the padded input ({_fmt_shape(tuple(n + lo + hi for n, (lo, hi) in zip(spatial, cfg.padding)))}); "
-                f"x has shape {_fmt_shape(x_shape)}, padding {cfg.padding}"
-            )
+    padded = tuple(n + lo + hi for n, (lo, hi) in zip(spatial, cfg.padding))
+    if any(p < k for p, k in zip(padded, cfg.effective_window)):
+        raise ValueError(
+            f"{fn}: the {what} {_fmt_shape(cfg.effective_window)}{extra} is larger than the "
+            f"padded input {_fmt_shape(padded)}; x has shape {_fmt_shape(x_shape)}, padding "
+            f"{cfg.padding}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,7 +240,7 @@ def conv_config(x_shape, k_shape, b_shape, *, stride, padding, dilation, groups,
     pads = resolve_padding(fn, padding, spatial, eff, stride_t)
     cfg = WindowConfig(window, stride_t, pads, dilation_t)
     _check_fits(fn, "dilated kernel window", spatial, cfg, x_shape,
-                extra=f" = kernel {_fmt_shape(window)} with dilation {dilation_t}")
+                extra=f" (kernel {_fmt_shape(window)} with dilation {dilation_t})")
     return cfg
 
 
