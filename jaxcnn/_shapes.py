@@ -303,16 +303,6 @@ def conv_input_grad_padding(spatial: Sequence[int], cfg: WindowConfig) -> Pads:
     return tuple(out)
 
 
-def conv_kernel_grad_padding(spatial: Sequence[int], cfg: WindowConfig) -> Pads:
-    """Padding of ``X`` for ``dK = X ⋆ dZ``: the forward padding minus the stride remainder.
-
-    The ``r`` trailing rows no window reached do not contribute to any ``dK_mn``, so the high
-    side is cropped by ``r`` (it may become negative: crop).
-    """
-    return tuple((lo, hi - stride_remainder(n, (lo, hi), k, s)) for n, (lo, hi), k, s in
-                 zip(spatial, cfg.padding, cfg.effective_window, cfg.stride))
-
-
 def check_dense(fn: str, x_shape, w_shape, b_shape):
     if len(w_shape) != 2:
         raise ValueError(f"{fn}: w must have rank 2, (D_in, D_out); got w shape {_fmt_shape(w_shape)}")

@@ -85,27 +85,56 @@ def _conv_lax(x, kernel, bias, cfg: WindowConfig, groups: int):
 # The manual forward, written out: Z_i = Σ_m Xpad[i * s + m * d] · K_m  (+ B).
 
 
+# Below this many multiply-adds per output position and group (taps × C_in/G × C_out/G) the
+# sum is written as broadcast multiply-adds, which XLA fuses into one loop over the output;
+# above it, as one patch-matrix product. Same sum, two orders; the threshold is a speed choice
+# measured with benchmarks/ops.py (few input channels are where XLA's own conv is slow).
+_FUSED_MACS = 4096
+
+
 def _correlate(x, kernel, cfg: WindowConfig, groups: int):
     """``Z[n, i, co] = Σ_{m, ci} Xpad[n, i * s + m * d, ci] · K[m, ci, co]``, per group.
 
-    The taps ``Xpad[:, i * s + m * d, :]`` (one strided slice per kernel offset ``m``) are
-    stacked into the patch matrix ``P: (N, *out, T, C_in)`` and multiplied by the kernel
-    flattened to ``(T, C_in / G, C_out)``, group by group. No ``conv_general_dilated``.
+    Tap ``m`` is the strided slice ``Xpad[:, m * d : m * d + (out - 1) * s + 1 : s, :]``
+    (:func:`jaxcnn._windows.taps`), so ``tap_m[i] = Xpad[i * s + m * d]``. Small layers sum
+    ``tap_m[..., ci] · K[m, ci, :]`` term by term (one fused loop); larger ones stack the taps
+    into the patch matrix ``P: (N, *out, T · C_in)`` and multiply it by the kernel flattened to
+    ``(T · C_in / G, C_out)``, group by group. No ``conv_general_dilated``.
     """
     out = _windows.out_shape(x.shape, cfg)
-    p = _patches(x, cfg, out)                                  # (N, *out, T, C_in)
-    t, g = p.shape[-2], groups
-    patches = p.reshape(*p.shape[:-1], g, p.shape[-1] // g)   # (N, *out, T, G, C_in/G)
-    k = kernel.reshape(t, kernel.shape[-2], g, kernel.shape[-1] // g)   # (T, C_in/G, G, C_out/G)
-    z = jnp.einsum("...tgc,tcgo->...go", patches, k,
-                   preferred_element_type=_accum_dtype(x.dtype))
-    return z.reshape(*z.shape[:-2], kernel.shape[-1])
+    taps = _windows.taps(_windows.pad(x, cfg.padding), cfg, out)
+    t, ci, co, g = len(taps), kernel.shape[-2], kernel.shape[-1], groups
+    acc = _accum_dtype(x.dtype)
+    k = kernel.reshape(t, ci, g, co // g).astype(acc)          # (T, C_in/G, G, C_out/G)
+    if t * ci * (co // g) <= _FUSED_MACS:
+        z = None
+        for m, tap in enumerate(taps):
+            tap = tap.astype(acc).reshape(*tap.shape[:-1], g, ci)      # (N, *out, G, C_in/G)
+            for c in range(ci):
+                term = tap[..., c:c + 1] * k[m, c]                     # (N, *out, G, C_out/G)
+                z = term if z is None else z + term
+    else:
+        p = _patch_matrix(taps)                                        # (N, *out, T * C_in)
+        p = p.reshape(*p.shape[:-1], t, g, ci)
+        z = jnp.einsum("...tgc,tcgo->...go", p, k, preferred_element_type=acc)
+    return z.reshape(*z.shape[:-2], co)
 
 
-def _patches(x, cfg: WindowConfig, out):
-    """The patch matrix ``P[n, i, m, g, c] = Xpad[n, i * s + m * d, g * C_in/G + c]``."""
-    xp = _windows.pad(x, cfg.padding)
-    return jnp.stack(_windows.taps(xp, cfg, out), axis=-2)   # (N, *out, T, C_in)
+def _patch_matrix(taps):
+    """``P[..., m * C + c] = tap_m[..., c]``: the taps side by side along the channel axis.
+
+    Written as a sum of channel-padded taps rather than a concatenate: the same matrix, but
+    XLA's CPU backend fuses the sum into one fast loop and its concatenate is several times
+    slower (measured with benchmarks/ops.py).
+    """
+    t, c = len(taps), taps[0].shape[-1]
+    nd = taps[0].ndim
+    total = None
+    for m, tap in enumerate(taps):
+        placed = lax.pad(tap, jnp.zeros((), tap.dtype),
+                         [(0, 0, 0)] * (nd - 1) + [(m * c, (t - 1 - m) * c, 0)])
+        total = placed if total is None else total + placed
+    return total
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -137,34 +166,40 @@ def _conv_bwd(cfg: WindowConfig, groups: int, res, dz):
       offset ``m`` (the chain rule ``dL/dK_m = Σ_i dL/dz_i · ∂z_i/∂K_m`` with
       ``∂z_i/∂K_m = Xpad[i * s + m * d]``). With stride ``s`` the correlation steps through
       ``X`` in jumps of ``s`` (``dZ`` dilated by ``s - 1`` zeros); the stride-remainder rows
-      the forward dropped are never read (:func:`jaxcnn._shapes.conv_kernel_grad_padding`).
-      Computed as ``Pᵀ · dZ`` with the forward's own patch matrix ``P``; with groups, per
-      group.
+      the forward dropped are never read. With groups, per group. (:func:`_conv_kernel_grad`)
     - ``dB = Σ_{n,i} dZ[n, i]``.
     - ``dX = pad(dilate_s(dZ)) ⋆ rot180(K)ᵀ``: the full convolution of the zero-padded,
       stride-dilated ``dZ`` with the kernel rotated by 180° and its in/out channels swapped
-      (per group), with the forward's kernel dilation ``d``. Paddings from
-      :func:`jaxcnn._shapes.conv_input_grad_padding` (negative = crop). See
-      :func:`_conv_input_grad_gather` (gather form) and :func:`_conv_input_grad_scatter`.
+      (per group), with the forward's kernel dilation ``d``; paddings from
+      :func:`jaxcnn._shapes.conv_input_grad_padding` (negative = crop). That gather form is
+      :func:`_conv_input_grad_gather`; what runs here is :func:`_conv_input_grad_scatter`, the
+      same sum in the other order (derived in its docstring), which benchmarks/ops.py measured
+      to be several times faster on CPU. The tests check that both forms agree.
     """
     x, kernel, has_bias = res
     dk = _conv_kernel_grad(x, dz, cfg, groups, kernel.shape)
     db = None
     if has_bias:
         db = jnp.sum(dz, axis=tuple(range(dz.ndim - 1)), dtype=_accum_dtype(dz.dtype))
-    dx = _conv_input_grad_gather(dz, kernel, x.shape, cfg, groups)
+    dx = _conv_input_grad_scatter(dz, kernel, x.shape, cfg, groups)
     return dx.astype(x.dtype), dk.astype(kernel.dtype), None if db is None else db.astype(dz.dtype)
 
 
 def _conv_kernel_grad(x, dz, cfg: WindowConfig, groups: int, k_shape):
-    """``dK = X ⋆ dZ``, i.e. ``dK[m, c, g, o] = Σ_{n,i} P[n, i, m, g, c] · dZ[n, i, g, o]``."""
+    """``dK = X ⋆ dZ``: ``dK[m, c, g, o] = Σ_{n,i} tap_m[n, i, g, c] · dZ[n, i, g, o]``.
+
+    ``tap_m[i] = Xpad[i * s + m * d]`` are the forward's own taps, so the stride steps through
+    ``X`` (``dZ`` acts as a kernel dilated by ``s``), the kernel dilation ``d`` spaces the
+    offsets ``m``, and the stride-remainder rows are never read. One product per offset ``m``,
+    each contracting over every batch and output position.
+    """
     out = dz.shape[1:-1]
-    p = _patches(x, cfg, out)                                  # (N, *out, T, C_in)
-    p = p.reshape(*p.shape[:-1], groups, p.shape[-1] // groups)
-    d = dz.reshape(*dz.shape[:-1], groups, dz.shape[-1] // groups)
-    lead = "NHWDE"[: dz.ndim - 1]
-    dk = jnp.einsum(f"{lead}tgc,{lead}go->tcgo", p, d, preferred_element_type=_accum_dtype(x.dtype))
-    return dk.reshape(k_shape)
+    taps = _windows.taps(_windows.pad(x, cfg.padding), cfg, out)
+    acc = _accum_dtype(x.dtype)
+    d = dz.reshape(-1, groups, dz.shape[-1] // groups)                 # (N·out, G, C_out/G)
+    dk = [jnp.einsum("pgc,pgo->cgo", tap.reshape(-1, groups, tap.shape[-1] // groups), d,
+                     preferred_element_type=acc) for tap in taps]
+    return jnp.stack(dk).reshape(k_shape)
 
 
 def _rot180_swap(kernel, groups: int):
@@ -207,11 +242,12 @@ def _conv_input_grad_scatter(dz, kernel, x_shape, cfg: WindowConfig, groups: int
     """
     t = int(np.prod(cfg.window))
     ci, co = kernel.shape[-2], kernel.shape[-1]
+    acc = _accum_dtype(dz.dtype)
     k = kernel.reshape(t, ci, groups, co // groups)             # (T, C_in/G, G, C_out/G)
-    d = dz.reshape(*dz.shape[:-1], groups, co // groups)
-    contrib = jnp.einsum("...go,tcgo->t...gc", d, k, preferred_element_type=_accum_dtype(dz.dtype))
-    contrib = contrib.reshape(t, *dz.shape[:-1], groups * ci).astype(dz.dtype)
-    return _windows.overlap_add(list(contrib), x_shape[1:-1], cfg)
+    d = dz.reshape(*dz.shape[:-1], groups, co // groups)        # (N, *out, G, C_out/G)
+    contribs = [jnp.einsum("...go,cgo->...gc", d, k[m], preferred_element_type=acc)
+                .reshape(*dz.shape[:-1], groups * ci).astype(dz.dtype) for m in range(t)]
+    return _windows.overlap_add(contribs, x_shape[1:-1], cfg)
 
 
 _conv_manual.defvjp(_conv_fwd, _conv_bwd)

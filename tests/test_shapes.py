@@ -41,7 +41,6 @@ def test_stride_remainder_and_backward_paddings():
     assert _shapes.output_size(8, (0, 0), 3, 2) == 3
     assert _shapes.stride_remainder(8, (0, 0), 3, 2) == 1
     assert _shapes.conv_input_grad_padding((8,), cfg) == ((2, 3),)
-    assert _shapes.conv_kernel_grad_padding((8,), cfg) == ((0, -1),)
     # A forward padding wider than the window gives a negative (cropping) backward padding.
     wide = _shapes.WindowConfig((2,), (1,), ((3, 3),), (1,))
     assert _shapes.conv_input_grad_padding((4,), wide) == ((-2, -2),)
