@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 from typing import Sequence
 
+import numpy as np
 from jax import lax
 
 from ._shapes import Pads, WindowConfig, output_spatial
@@ -79,3 +80,47 @@ def overlap_add(contribs, spatial: Sequence[int], cfg: WindowConfig):
 
 def out_shape(x_shape, cfg: WindowConfig):
     return output_spatial(x_shape[1:-1], cfg)
+
+
+def disjoint(cfg: WindowConfig) -> bool:
+    """True when windows neither overlap nor leave gaps: stride == window, no dilation."""
+    return cfg.stride == cfg.window and all(d == 1 for d in cfg.dilation)
+
+
+def tap_grid(cfg: WindowConfig):
+    """Tap index ``t`` (row-major) of every window element, shaped ``(1, 1, k1, 1, k2, ..., 1)``
+    to broadcast against :func:`spread` inputs."""
+    shape = [1]
+    for k in cfg.window:
+        shape += [1, k]
+    return np.arange(int(np.prod(cfg.window))).reshape(cfg.window).reshape(shape + [1])
+
+
+def spread(values, spatial: Sequence[int], cfg: WindowConfig):
+    """For disjoint windows: ``values: (N, o1, k1, o2, k2, ..., C)`` (window element ``m`` of
+    output ``i`` at ``[i, m]``) → ``(N, *spatial, C)``.
+
+    Window ``i`` covers padded positions ``i * k .. i * k + k - 1``; flattening ``(o, k)`` gives
+    padded coordinates ``0 .. o * k - 1`` directly, with no overlap to add up. The forward
+    padding is then cropped and the stride-remainder positions no window covered get zeros.
+    """
+    n, c = values.shape[0], values.shape[-1]
+    outs = values.shape[1:-1:2]
+    flat = values.reshape(n, *(o * k for o, k in zip(outs, cfg.window)), c)
+    pads = tuple((-lo, size - (o * k - lo)) for size, (lo, _), o, k in
+                 zip(spatial, cfg.padding, outs, cfg.window))
+    return pad(flat, pads)
+
+
+def windowed_shape(out_shape, cfg: WindowConfig):
+    """``(N, o1, o2, ..., C)`` → ``(N, o1, k1, o2, k2, ..., C)``, the input of :func:`spread`."""
+    inner = tuple(v for o, k in zip(out_shape[1:-1], cfg.window) for v in (o, k))
+    return (out_shape[0], *inner, out_shape[-1])
+
+
+def expand(a, nd: int):
+    """``(N, o1, o2, ..., C)`` → ``(N, o1, 1, o2, 1, ..., C)``: room for the window axes."""
+    shape = [a.shape[0]]
+    for o in a.shape[1:1 + nd]:
+        shape += [o, 1]
+    return a.reshape(*shape, a.shape[-1])

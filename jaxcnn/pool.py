@@ -174,6 +174,11 @@ def _max_pool_bwd(cfg: WindowConfig, x, dz):
     """
     idx = _argmax_taps(_max_pool_taps(x, cfg))
     zero = jnp.zeros((), dz.dtype)
+    if _windows.disjoint(cfg):      # the classic 2×2 / 2: one broadcast select, no overlap
+        nd = cfg.ndim
+        mask = _windows.expand(idx, nd) == _windows.tap_grid(cfg)
+        return (_windows.spread(jnp.where(mask, _windows.expand(dz, nd), zero),
+                                x.shape[1:-1], cfg),)
     contribs = [jnp.where(idx == t, dz, zero) for t in range(len(_windows.offsets(cfg)))]
     return (_windows.overlap_add(contribs, x.shape[1:-1], cfg),)
 
@@ -211,6 +216,10 @@ def _avg_pool_bwd(cfg: WindowConfig, count_include_pad: bool, x, dz):
     :func:`jaxcnn._windows.overlap_add` (padding positions are cropped away).
     """
     share = (dz / _window_counts(x.shape, cfg, count_include_pad)).astype(dz.dtype)
+    if _windows.disjoint(cfg):      # non-overlapping windows: one broadcast, no overlap-add
+        nd = cfg.ndim
+        every = jnp.broadcast_to(_windows.expand(share, nd), _windows.windowed_shape(share.shape, cfg))
+        return (_windows.spread(every, x.shape[1:-1], cfg),)
     contribs = [share] * len(_windows.offsets(cfg))
     return (_windows.overlap_add(contribs, x.shape[1:-1], cfg),)
 
