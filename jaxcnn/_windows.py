@@ -75,7 +75,9 @@ def overlap_add(contribs, spatial: Sequence[int], cfg: WindowConfig):
             pads.append((low, n - low - ((o - 1) * s + 1)))
         placed = pad(c, tuple(pads), interior=tuple(s - 1 for s in cfg.stride))
         total = placed if total is None else total + placed
-    return total
+    # Materialize the sum, so that XLA does not fuse the T-term chain into each of its
+    # consumers and recompute it there.
+    return lax.optimization_barrier(total)
 
 
 def out_shape(x_shape, cfg: WindowConfig):

@@ -54,7 +54,15 @@ def _conv_jit(x, kernel, bias, *, cfg, groups, impl):
     bias = None if bias is None else bias.astype(dtype)
     if impl == "lax":
         return _conv_lax(x, kernel, bias, cfg, groups)
-    return _conv_manual(x, kernel, bias, cfg, groups)
+    return _layer_boundary(_conv_manual, x, kernel, bias, cfg, groups)
+
+
+def _layer_boundary(op, x, *rest):
+    """Run a manual op with its input and output materialized (and, through autodiff of the
+    barrier, its incoming and outgoing cotangents). XLA's CPU backend otherwise fuses the
+    explicit elementwise expressions of neighbouring manual layers into each other and into
+    matrix products, recomputing them many times over (benchmarks/ops.py measured 5-10x)."""
+    return lax.optimization_barrier(op(lax.optimization_barrier(x), *rest))
 
 
 def _accum_dtype(dtype):
@@ -85,11 +93,12 @@ def _conv_lax(x, kernel, bias, cfg: WindowConfig, groups: int):
 # The manual forward, written out: Z_i = Σ_m Xpad[i * s + m * d] · K_m  (+ B).
 
 
-# Below this many multiply-adds per output position and group (taps × C_in/G × C_out/G) the
+# Up to this many multiply-adds per output position and group (taps × C_in/G × C_out/G) the
 # sum is written as broadcast multiply-adds, which XLA fuses into one loop over the output;
-# above it, as one patch-matrix product. Same sum, two orders; the threshold is a speed choice
-# measured with benchmarks/ops.py (few input channels are where XLA's own conv is slow).
-_FUSED_MACS = 4096
+# above it, as one patch-matrix product. Same sum, two orders; the threshold is a speed choice:
+# benchmarks/ops.py found the fused loop far faster for a lone tiny layer, but inside whole
+# networks XLA's layout choices make it slower than the product from a few hundred terms on.
+_FUSED_MACS = 32
 
 
 def _correlate(x, kernel, cfg: WindowConfig, groups: int):
@@ -107,14 +116,20 @@ def _correlate(x, kernel, cfg: WindowConfig, groups: int):
     acc = _accum_dtype(x.dtype)
     k = kernel.reshape(t, ci, g, co // g).astype(acc)          # (T, C_in/G, G, C_out/G)
     if t * ci * (co // g) <= _FUSED_MACS:
+        # Materialize the input and (below) the sum: otherwise XLA fuses the producer of x
+        # (say a max-pool) into every one of the T·C_in terms, or the whole chain into every
+        # consumer of z, and recomputes it there.
+        x = lax.optimization_barrier(x)
+        taps = _windows.taps(_windows.pad(x, cfg.padding), cfg, out)
         z = None
         for m, tap in enumerate(taps):
             tap = tap.astype(acc).reshape(*tap.shape[:-1], g, ci)      # (N, *out, G, C_in/G)
             for c in range(ci):
                 term = tap[..., c:c + 1] * k[m, c]                     # (N, *out, G, C_out/G)
                 z = term if z is None else z + term
+        z = lax.optimization_barrier(z)
     else:
-        p = _patch_matrix(taps)                                        # (N, *out, T * C_in)
+        p = lax.optimization_barrier(_patch_matrix(taps))             # (N, *out, T * C_in)
         p = p.reshape(*p.shape[:-1], t, g, ci)
         z = jnp.einsum("...tgc,tcgo->...go", p, k, preferred_element_type=acc)
     return z.reshape(*z.shape[:-2], co)
@@ -177,6 +192,9 @@ def _conv_bwd(cfg: WindowConfig, groups: int, res, dz):
       to be several times faster on CPU. The tests check that both forms agree.
     """
     x, kernel, has_bias = res
+    # Materialize the operands of the products below: XLA's CPU backend otherwise fuses their
+    # elementwise producers into each product and falls back to a slow naive loop.
+    x, dz = lax.optimization_barrier((x, dz))
     dk = _conv_kernel_grad(x, dz, cfg, groups, kernel.shape)
     db = None
     if has_bias:
@@ -191,10 +209,10 @@ def _conv_kernel_grad(x, dz, cfg: WindowConfig, groups: int, k_shape):
     ``tap_m[i] = Xpad[i * s + m * d]`` are the forward's own taps, so the stride steps through
     ``X`` (``dZ`` acts as a kernel dilated by ``s``), the kernel dilation ``d`` spaces the
     offsets ``m``, and the stride-remainder rows are never read. One product per offset ``m``,
-    each contracting over every batch and output position.
+    each contracting over every batch and output position, group by group.
     """
     out = dz.shape[1:-1]
-    taps = _windows.taps(_windows.pad(x, cfg.padding), cfg, out)
+    taps = lax.optimization_barrier(_windows.taps(_windows.pad(x, cfg.padding), cfg, out))
     acc = _accum_dtype(x.dtype)
     d = dz.reshape(-1, groups, dz.shape[-1] // groups)                 # (N·out, G, C_out/G)
     dk = [jnp.einsum("pgc,pgo->cgo", tap.reshape(-1, groups, tap.shape[-1] // groups), d,

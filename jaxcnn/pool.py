@@ -16,6 +16,7 @@ from jax import lax
 
 from . import _shapes, _windows
 from ._shapes import WindowConfig
+from .conv import _layer_boundary
 
 
 def max_pool(x, window, *, stride=None, padding="VALID", impl="lax"):
@@ -71,14 +72,14 @@ def avg_pool(x, window, *, stride=None, padding="VALID", count_include_pad=True,
 def _max_pool_jit(x, *, cfg, impl):
     if impl == "lax":
         return _max_pool_lax(x, cfg)
-    return _max_pool_manual(x, cfg)
+    return _layer_boundary(_max_pool_manual, x, cfg)
 
 
 @partial(jax.jit, static_argnames=("cfg", "count_include_pad", "impl"))
 def _avg_pool_jit(x, *, cfg, count_include_pad, impl):
     if impl == "lax":
         return _avg_pool_lax(x, cfg, count_include_pad)
-    return _avg_pool_manual(x, cfg, count_include_pad)
+    return _layer_boundary(_avg_pool_manual, x, cfg, count_include_pad)
 
 
 def _full(inner):
