@@ -19,4 +19,15 @@ __all__ = [
     "flatten",
     "log_softmax",
     "cross_entropy",
+    "check_vjp",
 ]
+
+
+def __getattr__(name):
+    # jc.check_vjp lives in jaxcnn.check and is imported on first use, so that the tool
+    # `python -m jaxcnn.check` does not find its own module already imported (runpy warns).
+    if name == "check_vjp":
+        from .check import check_vjp
+
+        return check_vjp
+    raise AttributeError(f"module 'jaxcnn' has no attribute {name!r}")
