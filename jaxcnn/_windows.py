@@ -27,6 +27,19 @@ from jax import lax
 from ._shapes import Pads, WindowConfig, output_spatial
 
 
+def accum_dtype(dtype):
+    """float16 / bfloat16 accumulate in float32; everything else in its own dtype."""
+    return np.float32 if np.dtype(dtype).itemsize < 4 else dtype
+
+
+def layer_boundary(op, x, *rest):
+    """Run a manual op with its input and output materialized (and, through autodiff of the
+    barrier, its incoming and outgoing cotangents). XLA's CPU backend otherwise fuses the
+    explicit elementwise expressions of neighbouring manual layers into each other and into
+    matrix products, recomputing them many times over (measured with benchmarks/ops.py)."""
+    return lax.optimization_barrier(op(lax.optimization_barrier(x), *rest))
+
+
 def pad(x, pads: Pads, *, interior: Sequence[int] | None = None, value=0):
     """Pad the spatial dims of ``x: (N, *spatial, C)``; negative entries crop."""
     nd = len(pads)

@@ -54,20 +54,7 @@ def _conv_jit(x, kernel, bias, *, cfg, groups, impl):
     bias = None if bias is None else bias.astype(dtype)
     if impl == "lax":
         return _conv_lax(x, kernel, bias, cfg, groups)
-    return _layer_boundary(_conv_manual, x, kernel, bias, cfg, groups)
-
-
-def _layer_boundary(op, x, *rest):
-    """Run a manual op with its input and output materialized (and, through autodiff of the
-    barrier, its incoming and outgoing cotangents). XLA's CPU backend otherwise fuses the
-    explicit elementwise expressions of neighbouring manual layers into each other and into
-    matrix products, recomputing them many times over (benchmarks/ops.py measured 5-10x)."""
-    return lax.optimization_barrier(op(lax.optimization_barrier(x), *rest))
-
-
-def _accum_dtype(dtype):
-    """float16 / bfloat16 accumulate in float32; everything else in its own dtype."""
-    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
+    return _windows.layer_boundary(_conv_manual, x, kernel, bias, cfg, groups)
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,7 +70,7 @@ def _conv_lax(x, kernel, bias, cfg: WindowConfig, groups: int):
     z = lax.conv_general_dilated(
         x, kernel, window_strides=cfg.stride, padding=cfg.padding, rhs_dilation=cfg.dilation,
         dimension_numbers=dn, feature_group_count=groups,
-        preferred_element_type=_accum_dtype(x.dtype))
+        preferred_element_type=_windows.accum_dtype(x.dtype))
     if bias is not None:
         z = z + bias.astype(z.dtype)
     return z.astype(x.dtype)
@@ -113,7 +100,7 @@ def _correlate(x, kernel, cfg: WindowConfig, groups: int):
     out = _windows.out_shape(x.shape, cfg)
     taps = _windows.taps(_windows.pad(x, cfg.padding), cfg, out)
     t, ci, co, g = len(taps), kernel.shape[-2], kernel.shape[-1], groups
-    acc = _accum_dtype(x.dtype)
+    acc = _windows.accum_dtype(x.dtype)
     k = kernel.reshape(t, ci, g, co // g).astype(acc)          # (T, C_in/G, G, C_out/G)
     if t * ci * (co // g) <= _FUSED_MACS:
         # Materialize the input and (below) the sum: otherwise XLA fuses the producer of x
@@ -198,7 +185,7 @@ def _conv_bwd(cfg: WindowConfig, groups: int, res, dz):
     dk = _conv_kernel_grad(x, dz, cfg, groups, kernel.shape)
     db = None
     if has_bias:
-        db = jnp.sum(dz, axis=tuple(range(dz.ndim - 1)), dtype=_accum_dtype(dz.dtype))
+        db = jnp.sum(dz, axis=tuple(range(dz.ndim - 1)), dtype=_windows.accum_dtype(dz.dtype))
     dx = _conv_input_grad_scatter(dz, kernel, x.shape, cfg, groups)
     return dx.astype(x.dtype), dk.astype(kernel.dtype), None if db is None else db.astype(dz.dtype)
 
@@ -213,7 +200,7 @@ def _conv_kernel_grad(x, dz, cfg: WindowConfig, groups: int, k_shape):
     """
     out = dz.shape[1:-1]
     taps = lax.optimization_barrier(_windows.taps(_windows.pad(x, cfg.padding), cfg, out))
-    acc = _accum_dtype(x.dtype)
+    acc = _windows.accum_dtype(x.dtype)
     d = dz.reshape(-1, groups, dz.shape[-1] // groups)                 # (N·out, G, C_out/G)
     dk = [jnp.einsum("pgc,pgo->cgo", tap.reshape(-1, groups, tap.shape[-1] // groups), d,
                      preferred_element_type=acc) for tap in taps]
@@ -260,7 +247,7 @@ def _conv_input_grad_scatter(dz, kernel, x_shape, cfg: WindowConfig, groups: int
     """
     t = int(np.prod(cfg.window))
     ci, co = kernel.shape[-2], kernel.shape[-1]
-    acc = _accum_dtype(dz.dtype)
+    acc = _windows.accum_dtype(dz.dtype)
     k = kernel.reshape(t, ci, groups, co // groups)             # (T, C_in/G, G, C_out/G)
     d = dz.reshape(*dz.shape[:-1], groups, co // groups)        # (N, *out, G, C_out/G)
     contribs = [jnp.einsum("...go,cgo->...gc", d, k[m], preferred_element_type=acc)

@@ -14,10 +14,7 @@ import numpy as np
 from jax import lax
 
 from . import _shapes
-
-
-def _accum_dtype(dtype):
-    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
+from ._windows import accum_dtype
 
 
 # ============================================================================================
@@ -55,7 +52,7 @@ def _dense_jit(x, w, b, *, impl):
 
 def _dense_lax(x, w, b):
     z = lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())),
-                        preferred_element_type=_accum_dtype(x.dtype))
+                        preferred_element_type=accum_dtype(x.dtype))
     if b is not None:
         z = z + b.astype(z.dtype)
     return z.astype(x.dtype)
@@ -69,7 +66,7 @@ def _dense_manual(x, w, b):
 
 def _dense_manual_forward(x, w, b):
     """``z_j = Σ_i x_i W_ij + b_j``."""
-    z = jnp.matmul(x, w, preferred_element_type=_accum_dtype(x.dtype))
+    z = jnp.matmul(x, w, preferred_element_type=accum_dtype(x.dtype))
     if b is not None:
         z = z + b.astype(z.dtype)
     return z.astype(x.dtype)
@@ -87,7 +84,7 @@ def _dense_bwd(res, dz):
     - ``dx = dZ · Wᵀ``   (``dL/dx_i = Σ_j dZ_j W_ij``)
     """
     x, w, has_b = res
-    acc = _accum_dtype(dz.dtype)
+    acc = accum_dtype(dz.dtype)
     x2 = x.reshape(-1, x.shape[-1])
     dz2 = dz.reshape(-1, dz.shape[-1])
     dw = jnp.matmul(x2.T, dz2, preferred_element_type=acc).astype(w.dtype)
@@ -203,7 +200,7 @@ def _log_softmax_jit(x, *, impl):
 def _log_softmax_manual_forward(x):
     """``y = (x - max x) - log Σ exp(x - max x)``: shifting by the max changes nothing but
     keeps ``exp`` from overflowing."""
-    acc = _accum_dtype(x.dtype)
+    acc = accum_dtype(x.dtype)
     xs = x.astype(acc)
     shifted = xs - lax.stop_gradient(jnp.max(xs, axis=-1, keepdims=True))
     return (shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))).astype(x.dtype)
@@ -222,7 +219,7 @@ def _log_softmax_fwd(x):
 
 def _log_softmax_bwd(y, dy):
     """``dL/dx_j = dL/dy_j - softmax_j · Σ_k dL/dy_k`` with ``softmax = exp(y)``."""
-    acc = _accum_dtype(dy.dtype)
+    acc = accum_dtype(dy.dtype)
     dx = dy.astype(acc) - jnp.exp(y.astype(acc)) * jnp.sum(dy.astype(acc), axis=-1, keepdims=True)
     return (dx.astype(dy.dtype),)
 
@@ -298,7 +295,7 @@ def _cross_entropy_fwd(logits, labels):
 def _cross_entropy_bwd(res, dl):
     """``dL/dlogits = dL · (softmax(logits) - onehot(labels)) / N``; labels get no gradient."""
     logits, labels = res
-    acc = _accum_dtype(logits.dtype)
+    acc = accum_dtype(logits.dtype)
     p = jnp.exp(_log_softmax_manual_forward(logits).astype(acc))
     onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=acc)
     dlogits = dl.astype(acc) * (p - onehot) / logits.shape[0]

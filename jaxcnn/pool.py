@@ -16,7 +16,6 @@ from jax import lax
 
 from . import _shapes, _windows
 from ._shapes import WindowConfig
-from .conv import _layer_boundary
 
 
 def max_pool(x, window, *, stride=None, padding="VALID", impl="lax"):
@@ -72,14 +71,14 @@ def avg_pool(x, window, *, stride=None, padding="VALID", count_include_pad=True,
 def _max_pool_jit(x, *, cfg, impl):
     if impl == "lax":
         return _max_pool_lax(x, cfg)
-    return _layer_boundary(_max_pool_manual, x, cfg)
+    return _windows.layer_boundary(_max_pool_manual, x, cfg)
 
 
 @partial(jax.jit, static_argnames=("cfg", "count_include_pad", "impl"))
 def _avg_pool_jit(x, *, cfg, count_include_pad, impl):
     if impl == "lax":
         return _avg_pool_lax(x, cfg, count_include_pad)
-    return _layer_boundary(_avg_pool_manual, x, cfg, count_include_pad)
+    return _windows.layer_boundary(_avg_pool_manual, x, cfg, count_include_pad)
 
 
 def _full(inner):
@@ -99,7 +98,7 @@ def _max_pool_lax(x, cfg: WindowConfig):
 
 def _avg_pool_lax(x, cfg: WindowConfig, count_include_pad: bool):
     pads = ((0, 0), *cfg.padding, (0, 0))
-    acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
+    acc = _windows.accum_dtype(x.dtype)
     s = lax.reduce_window(x.astype(acc), 0.0, lax.add, _full(cfg.window),
                           _full(cfg.stride), pads)
     return (s / _window_counts(x.shape, cfg, count_include_pad)).astype(x.dtype)
@@ -195,7 +194,7 @@ def _avg_pool_manual(x, cfg: WindowConfig, count_include_pad: bool):
 
 def _avg_pool_manual_forward(x, cfg: WindowConfig, count_include_pad: bool):
     """``Z_i = Σ_m Xpad[i * s + m] / count_i`` over the window's taps, zero padding."""
-    acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
+    acc = _windows.accum_dtype(x.dtype)
     xp = _windows.pad(x.astype(acc), cfg.padding)
     taps = _windows.taps(xp, cfg, _windows.out_shape(x.shape, cfg))
     s = taps[0]
