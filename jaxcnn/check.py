@@ -26,10 +26,8 @@ import argparse
 import dataclasses
 import inspect
 import json
-import os
 import re
 import sys
-import tempfile
 import time
 import zlib
 from typing import Any, Callable
@@ -39,7 +37,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from . import _shapes
+from . import _io, _shapes
 from .conv import _conv_manual_forward, conv
 from .dense import (_cross_entropy_manual_forward, _dense_manual_forward,
                     _flatten_manual_forward, _log_softmax_manual_forward, _relu_manual_forward,
@@ -1114,19 +1112,8 @@ def _cells(result: CheckResult) -> list:
 
 
 def _atomic_write_json(path: str, payload: dict):
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".check-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
+    _io.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _parse(argv):

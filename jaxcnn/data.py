@@ -28,13 +28,14 @@ import numbers
 import os
 import pathlib
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
+
+from . import _io
 
 DATASETS = ("synthetic", "mnist", "fashion_mnist")
 
@@ -884,24 +885,16 @@ class _ChecksumMismatch(ValueError):
 
 def _download(url, target: pathlib.Path, expected, timeout):
     """Download `url` to `target` atomically, keeping it only if its SHA-256 is `expected`."""
-    tmp = tempfile.NamedTemporaryFile(
-        dir=target.parent, prefix=f".{target.name}.", suffix=".part", delete=False
-    )
-    try:
-        with tmp, urllib.request.urlopen(url, timeout=timeout) as response:
-            actual = _copy_with_digest(response, tmp, _content_length(response), target.name)
-            tmp.flush()
-            os.fsync(tmp.fileno())
+
+    def write(f):
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            actual = _copy_with_digest(response, f, _content_length(response), target.name)
         if actual != expected:
             raise _ChecksumMismatch(
                 f"checksum mismatch: expected sha256 {expected}, got {actual}"
             )
-        os.replace(tmp.name, target)
-        _fsync_dir(target.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp.name)
-        raise
+
+    _io.atomic_write(target, write)
 
 
 def _copy_with_digest(source, sink, total, label) -> str:
@@ -936,20 +929,6 @@ class _NoProgress(contextlib.nullcontext):
 
     def update(self, _):
         pass
-
-
-def _fsync_dir(directory):
-    """Make a rename inside `directory` durable (POSIX; a no-op where directories can't open)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _sha256_of(path) -> str:

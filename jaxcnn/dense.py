@@ -145,7 +145,7 @@ def flatten(x, *, impl="lax"):
     impl = _shapes.check_impl(fn, impl)
     shape = _shapes.check_array(fn, "x", x, floating=False)
     if len(shape) < 1:
-        raise ValueError(f"flatten: x must have rank >= 1, (N, ...); got a scalar")
+        raise ValueError("flatten: x must have rank >= 1, (N, ...); got a scalar")
     return _flatten_jit(x, impl=impl)
 
 

@@ -26,7 +26,6 @@ a resumed run on the same machine ends with exactly the parameters of an uninter
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -35,7 +34,6 @@ import os
 import pathlib
 import platform
 import sys
-import tempfile
 import time
 import zipfile
 from functools import partial
@@ -46,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import __version__, data
+from . import __version__, _io, data
 from ._shapes import IMPLS
 from .dense import cross_entropy, log_softmax
 from .models import MODELS
@@ -248,7 +246,7 @@ def save_checkpoint(path, params, opt_state, meta: dict) -> None:
     values = jax.device_get([leaf for _, leaf in named])  # one explicit transfer
     arrays = {name: np.asarray(value) for (name, _), value in zip(named, values)}
     arrays[_META_KEY] = np.array(json.dumps({"format": _FORMAT, **meta}))
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    _io.atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_checkpoint(path, params, opt_state):
@@ -330,24 +328,6 @@ def _read_npz(fn, path: pathlib.Path):
     return stored, meta
 
 
-def _atomic_write(path, write: Callable[[Any], None]) -> None:
-    """Write a file by ``write(f)`` on a temporary file, fsync, rename, fsync the directory."""
-    path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes it private (0o600); results are for reading
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    data._fsync_dir(path.parent)
-
-
 # --------------------------------------------------------------------------------------------
 # The fit loop.
 
@@ -401,7 +381,7 @@ def fit(config: TrainConfig, *, dataset=None) -> FitResult:
         step, start_epoch, history = meta["step"], meta["epoch"], meta["history"]
         _note_config_changes(config, meta["config"])
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / METRICS, lambda f: f.write(_jsonl(history).encode()))
+    _io.atomic_write(out / METRICS, lambda f: f.write(_jsonl(history).encode()))
     print(_header(config, ds, params, start_epoch), flush=True)
     for epoch in range(start_epoch, config.epochs):
         params, opt_state, step, record = _run_epoch(
@@ -412,7 +392,7 @@ def fit(config: TrainConfig, *, dataset=None) -> FitResult:
                         _checkpoint_meta(config, step, epoch + 1, history))
         print(_epoch_line(record, config.epochs), flush=True)
     summary = _summary(config, history, params, step, time.perf_counter() - started)
-    _atomic_write(out / SUMMARY, lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    _io.atomic_write(out / SUMMARY, lambda f: f.write(json.dumps(summary, indent=2).encode()))
     save_plots(out, history, params)
     final = history[-1] if history else {}
     if final:
