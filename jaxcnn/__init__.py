@@ -4,6 +4,7 @@ Every op takes ``impl="lax"`` (lax primitives, JAX's autodiff: the reference) or
 ``impl="manual"`` (explicit forward, the lecture's backward registered with ``jax.custom_vjp``).
 """
 
+from . import models, nn
 from .conv import conv
 from .dense import cross_entropy, dense, flatten, log_softmax, relu
 from .pool import avg_pool, max_pool
@@ -20,6 +21,8 @@ __all__ = [
     "log_softmax",
     "cross_entropy",
     "check_vjp",
+    "nn",
+    "models",
 ]
 
 
