@@ -117,19 +117,26 @@ def _correlate(x, kernel, cfg: WindowConfig, groups: int):
         z = lax.optimization_barrier(z)
     else:
         p = lax.optimization_barrier(_patch_matrix(taps))             # (N, *out, T * C_in)
-        p = p.reshape(*p.shape[:-1], t, g, ci)
-        z = jnp.einsum("...tgc,tcgo->...go", p, k, preferred_element_type=acc)
+        if g == 1:      # one plain matrix product (an einsum with a unit group axis is slower)
+            z = jnp.matmul(p.reshape(-1, t * ci), k.reshape(t * ci, co),
+                           preferred_element_type=acc).reshape(*p.shape[:-1], 1, co)
+        else:
+            p = p.reshape(*p.shape[:-1], t, g, ci)
+            z = jnp.einsum("...tgc,tcgo->...go", p, k, preferred_element_type=acc)
     return z.reshape(*z.shape[:-2], co)
 
 
-def _patch_matrix(taps):
-    """``P[..., m * C + c] = tap_m[..., c]``: the taps side by side along the channel axis.
+# Taps with fewer channels than this are put side by side with a concatenate, wider ones as a
+# sum of channel-padded taps: XLA's CPU backend is fast at one and slow at the other depending
+# on the width of the pieces (measured with benchmarks/ops.py).
+_CONCAT_BELOW = 8
 
-    Written as a sum of channel-padded taps rather than a concatenate: the same matrix, but
-    XLA's CPU backend fuses the sum into one fast loop and its concatenate is several times
-    slower (measured with benchmarks/ops.py).
-    """
+
+def _patch_matrix(taps):
+    """``P[..., m * C + c] = tap_m[..., c]``: the taps side by side along the channel axis."""
     t, c = len(taps), taps[0].shape[-1]
+    if c < _CONCAT_BELOW:
+        return jnp.concatenate(taps, axis=-1)
     nd = taps[0].ndim
     total = None
     for m, tap in enumerate(taps):
