@@ -34,7 +34,9 @@ def parse_args(argv=None) -> training.TrainConfig:
                         "(default: %(default)s)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
-    p.add_argument("--lr", type=float, default=d.lr, help="learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr,
+                   help="peak learning rate, decayed to 0 by a cosine over the run "
+                        "(default: %(default)s)")
     p.add_argument("--optimizer", choices=training.OPTIMIZERS, default=d.optimizer,
                    help="momentum: SGD with momentum 0.9 (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed,

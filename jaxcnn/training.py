@@ -149,16 +149,23 @@ def _check_int(fn, name, value, *, minimum):
 
 
 @functools.cache
-def make_optimizer(name: str, lr: float) -> optax.GradientTransformation:
+def make_optimizer(name: str, lr: float, decay_steps: int | None = None
+                   ) -> optax.GradientTransformation:
     """``"adam"`` (optax defaults), ``"sgd"`` or ``"momentum"`` (SGD, heavy ball 0.9).
 
-    Cached: the same (name, lr) gives the same object, so the jitted step (which takes the
-    optimizer as a static argument) compiles once per process.
+    With ``decay_steps`` the learning rate follows a cosine from ``lr`` down to 0 over that many
+    steps (``fit`` uses the whole run), so the last epoch settles instead of ending on a
+    full-size step; its step count lives in the optimizer state, so a resumed run continues the
+    same schedule. Cached: the same arguments give the same object, so the jitted step (which
+    takes the optimizer as a static argument) compiles once per process.
     """
     fn = "make_optimizer"
     _check_choice(fn, "name", name, OPTIMIZERS)
     if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0):
         raise ValueError(f"{fn}: lr must be a number > 0; got {lr!r}")
+    if decay_steps is not None:
+        _check_int(fn, "decay_steps", decay_steps, minimum=1)
+        lr = optax.cosine_decay_schedule(lr, decay_steps)
     if name == "adam":
         return optax.adam(lr)
     if name == "sgd":
@@ -435,7 +442,8 @@ def _init(config: TrainConfig, ds):
     """The model's ``apply``, fresh params and optimizer state, and the optimizer."""
     init, apply = MODELS[config.model](ds.num_classes)
     _, params = init(jax.random.key(config.seed), (-1, *ds.train_x.shape[1:]))
-    optimizer = make_optimizer(config.optimizer, float(config.lr))
+    total = config.epochs * data.num_batches(len(ds.train_x), config.batch_size)
+    optimizer = make_optimizer(config.optimizer, float(config.lr), decay_steps=total)
     return apply, params, optimizer.init(params), optimizer
 
 
