@@ -5,6 +5,9 @@ Tolerances come from the one table in :mod:`jaxcnn.check` (reasons in the README
 
 from __future__ import annotations
 
+import gzip
+import socket
+
 import jax
 import numpy as np
 import pytest
@@ -36,3 +39,33 @@ def assert_close(actual, expected, dtype, what=""):
     actual, expected = np.asarray(actual), np.asarray(expected)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     np.testing.assert_allclose(actual, expected, err_msg=what, **tol(dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Data-file helpers shared by the data and command-line tests (no test touches the internet).
+
+TYPE_CODES = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C,
+              np.float32: 0x0D, np.float64: 0x0E}
+
+
+def closed_port_url() -> str:
+    """A base URL on 127.0.0.1 where nothing listens (connections are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """The IDX encoding of `array`."""
+    array = np.asarray(array)
+    code = TYPE_CODES[array.dtype.type]
+    header = bytes([0, 0, code, array.ndim]) + np.array(array.shape, ">u4").tobytes()
+    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+def write_idx(path, array, *, gz=True):
+    """Write `array` as an IDX file (gzipped if `gz`); return the path."""
+    raw = idx_bytes(array)
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    return path

@@ -17,26 +17,18 @@ import pytest
 
 from jaxcnn import data
 
+from conftest import TYPE_CODES, closed_port_url, idx_bytes, write_idx  # noqa: F401
+
 IDX_NAMES = {
     "train_x": "train-images-idx3-ubyte",
     "train_y": "train-labels-idx1-ubyte",
     "test_x": "t10k-images-idx3-ubyte",
     "test_y": "t10k-labels-idx1-ubyte",
 }
-TYPE_CODES = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C,
-              np.float32: 0x0D, np.float64: 0x0E}
 
 
 # ------------------------------------------------------------------------------------------
 # Fixtures and helpers.
-
-
-def closed_port_url() -> str:
-    """A base URL on 127.0.0.1 where nothing listens (connections are refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
 
 
 @pytest.fixture(autouse=True)
@@ -69,21 +61,6 @@ def server(tmp_path):
     httpd.shutdown()
     httpd.server_close()
     thread.join()
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """The IDX encoding of `array`."""
-    array = np.asarray(array)
-    code = TYPE_CODES[array.dtype.type]
-    header = bytes([0, 0, code, array.ndim]) + np.array(array.shape, ">u4").tobytes()
-    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
-
-
-def write_idx(path, array, *, gz=True):
-    """Write `array` as an IDX file (gzipped if `gz`); return the path."""
-    raw = idx_bytes(array)
-    path.write_bytes(gzip.compress(raw) if gz else raw)
-    return path
 
 
 def fake_mnist(n_train=64, n_test=32, seed=0):

@@ -11,8 +11,6 @@ import json
 import os
 import pathlib
 import re
-import socket
-import struct
 import subprocess
 import sys
 
@@ -20,6 +18,8 @@ import numpy as np
 import pytest
 
 from jaxcnn import training
+
+from conftest import closed_port_url, write_idx
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 IDX = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
@@ -39,24 +39,10 @@ def load_cli():
 cli = load_cli()
 
 
-def closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
-
-
 @pytest.fixture(autouse=True)
 def offline(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXCNN_MIRRORS", closed_port_url())
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-
-
-def write_idx(path, array):
-    """IDX: magic 0x00 0x00 0x08 (uint8) ndim, big-endian uint32 dims, data; gzipped."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
 
 
 def write_mnist(directory, *, n_train=N_TRAIN, n_test=N_TEST, seed=0, labels=None):
@@ -70,7 +56,7 @@ def write_mnist(directory, *, n_train=N_TRAIN, n_test=N_TEST, seed=0, labels=Non
             r, c = divmod(int(label), 5)
             x[i, 4 + 10 * r: 12 + 10 * r, 2 + 5 * c: 6 + 5 * c] = 255
         write_idx(directory / f"{IDX[split + '_x']}.gz", x)
-        write_idx(directory / f"{IDX[split + '_y']}.gz", y)
+        write_idx(directory / f"{IDX[split + '_y']}.gz", np.asarray(y).astype(np.uint8))
     return directory
 
 
