@@ -89,6 +89,11 @@ _FUSED_MACS = 32
 
 
 def _correlate(x, kernel, cfg: WindowConfig, groups: int):
+    """``Z = X ⋆ K`` (no bias); see :func:`_correlate_patches`."""
+    return _correlate_patches(x, kernel, cfg, groups)[0]
+
+
+def _correlate_patches(x, kernel, cfg: WindowConfig, groups: int):
     """``Z[n, i, co] = Σ_{m, ci} Xpad[n, i * s + m * d, ci] · K[m, ci, co]``, per group.
 
     Tap ``m`` is the strided slice ``Xpad[:, m * d : m * d + (out - 1) * s + 1 : s, :]``
@@ -96,6 +101,8 @@ def _correlate(x, kernel, cfg: WindowConfig, groups: int):
     ``tap_m[..., ci] · K[m, ci, :]`` term by term (one fused loop); larger ones stack the taps
     into the patch matrix ``P: (N, *out, T · C_in)`` and multiply it by the kernel flattened to
     ``(T · C_in / G, C_out)``, group by group. No ``conv_general_dilated``.
+
+    Returns ``(Z, P)``; ``P`` is None on the term-by-term path. The backward reuses ``P``.
     """
     out = _windows.out_shape(x.shape, cfg)
     taps = _windows.taps(_windows.pad(x, cfg.padding), cfg, out)
@@ -115,15 +122,16 @@ def _correlate(x, kernel, cfg: WindowConfig, groups: int):
                 term = tap[..., c:c + 1] * k[m, c]                     # (N, *out, G, C_out/G)
                 z = term if z is None else z + term
         z = lax.optimization_barrier(z)
+        p = None
     else:
         p = lax.optimization_barrier(_patch_matrix(taps))             # (N, *out, T * C_in)
         if g == 1:      # one plain matrix product (an einsum with a unit group axis is slower)
             z = jnp.matmul(p.reshape(-1, t * ci), k.reshape(t * ci, co),
                            preferred_element_type=acc).reshape(*p.shape[:-1], 1, co)
         else:
-            p = p.reshape(*p.shape[:-1], t, g, ci)
-            z = jnp.einsum("...tgc,tcgo->...go", p, k, preferred_element_type=acc)
-    return z.reshape(*z.shape[:-2], co)
+            z = jnp.einsum("...tgc,tcgo->...go", p.reshape(*p.shape[:-1], t, g, ci), k,
+                           preferred_element_type=acc)
+    return z.reshape(*z.shape[:-2], co), p
 
 
 # Taps with fewer channels than this are put side by side with a concatenate, wider ones as a
@@ -154,10 +162,13 @@ def _conv_manual(x, kernel, bias, cfg: WindowConfig, groups: int):
 
 def _conv_manual_forward(x, kernel, bias, cfg: WindowConfig, groups: int):
     """``Z = X ⋆ K + B`` through :func:`_correlate`, without the custom VJP (plain autodiff)."""
-    z = _correlate(x, kernel, cfg, groups)
+    return _add_bias(_correlate(x, kernel, cfg, groups), bias, x.dtype)
+
+
+def _add_bias(z, bias, dtype):
     if bias is not None:
         z = z + bias.astype(z.dtype)
-    return z.astype(x.dtype)
+    return z.astype(dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,7 +176,9 @@ def _conv_manual_forward(x, kernel, bias, cfg: WindowConfig, groups: int):
 
 
 def _conv_fwd(x, kernel, bias, cfg, groups):
-    return _conv_manual(x, kernel, bias, cfg, groups), (x, kernel, bias is not None)
+    """The forward, keeping the patch matrix ``P`` (when it was built) for ``dK = Pᵀ · dZ``."""
+    z, patches = _correlate_patches(x, kernel, cfg, groups)
+    return _add_bias(z, bias, x.dtype), (x, kernel, bias is not None, patches)
 
 
 def _conv_bwd(cfg: WindowConfig, groups: int, res, dz):
@@ -185,11 +198,11 @@ def _conv_bwd(cfg: WindowConfig, groups: int, res, dz):
       same sum in the other order (derived in its docstring), which benchmarks/ops.py measured
       to be several times faster on CPU. The tests check that both forms agree.
     """
-    x, kernel, has_bias = res
+    x, kernel, has_bias, patches = res
     # Materialize the operands of the products below: XLA's CPU backend otherwise fuses their
     # elementwise producers into each product and falls back to a slow naive loop.
     x, dz = lax.optimization_barrier((x, dz))
-    dk = _conv_kernel_grad(x, dz, cfg, groups, kernel.shape)
+    dk = _conv_kernel_grad(x, dz, cfg, groups, kernel.shape, patches)
     db = None
     if has_bias:
         db = jnp.sum(dz, axis=tuple(range(dz.ndim - 1)), dtype=_windows.accum_dtype(dz.dtype))
@@ -197,20 +210,26 @@ def _conv_bwd(cfg: WindowConfig, groups: int, res, dz):
     return dx.astype(x.dtype), dk.astype(kernel.dtype), None if db is None else db.astype(dz.dtype)
 
 
-def _conv_kernel_grad(x, dz, cfg: WindowConfig, groups: int, k_shape):
+def _conv_kernel_grad(x, dz, cfg: WindowConfig, groups: int, k_shape, patches=None):
     """``dK = X ⋆ dZ``: ``dK[m, c, g, o] = Σ_{n,i} tap_m[n, i, g, c] · dZ[n, i, g, o]``.
 
     ``tap_m[i] = Xpad[i * s + m * d]`` are the forward's own taps, so the stride steps through
     ``X`` (``dZ`` acts as a kernel dilated by ``s``), the kernel dilation ``d`` spaces the
-    offsets ``m``, and the stride-remainder rows are never read. One product per offset ``m``,
-    each contracting over every batch and output position, group by group.
+    offsets ``m``, and the stride-remainder rows are never read. With the forward's patch matrix
+    ``P`` (its taps side by side) this is one product ``Pᵀ · dZ`` contracting over every batch
+    and output position, group by group; without it, one product per offset ``m``.
     """
-    out = dz.shape[1:-1]
-    taps = lax.optimization_barrier(_windows.taps(_windows.pad(x, cfg.padding), cfg, out))
     acc = _windows.accum_dtype(x.dtype)
-    d = dz.reshape(-1, groups, dz.shape[-1] // groups)                 # (N·out, G, C_out/G)
-    dk = [jnp.einsum("pgc,pgo->cgo", tap.reshape(-1, groups, tap.shape[-1] // groups), d,
-                     preferred_element_type=acc) for tap in taps]
+    g, ci, co = groups, x.shape[-1] // groups, dz.shape[-1]
+    d = dz.reshape(-1, g, co // g)                                     # (N·out, G, C_out/G)
+    if patches is not None:
+        t = patches.shape[-1] // (g * ci)
+        p = patches.reshape(-1, t, g, ci)                              # (N·out, T, G, C_in/G)
+        return jnp.einsum("ptgc,pgo->tcgo", p, d, preferred_element_type=acc).reshape(k_shape)
+    taps = _windows.taps(_windows.pad(x, cfg.padding), cfg, dz.shape[1:-1])
+    taps = lax.optimization_barrier(taps)
+    dk = [jnp.einsum("pgc,pgo->cgo", tap.reshape(-1, g, ci), d, preferred_element_type=acc)
+          for tap in taps]
     return jnp.stack(dk).reshape(k_shape)
 
 
@@ -257,8 +276,14 @@ def _conv_input_grad_scatter(dz, kernel, x_shape, cfg: WindowConfig, groups: int
     acc = _windows.accum_dtype(dz.dtype)
     k = kernel.reshape(t, ci, groups, co // groups)             # (T, C_in/G, G, C_out/G)
     d = dz.reshape(*dz.shape[:-1], groups, co // groups)        # (N, *out, G, C_out/G)
-    contribs = [jnp.einsum("...go,cgo->...gc", d, k[m], preferred_element_type=acc)
-                .reshape(*dz.shape[:-1], groups * ci).astype(dz.dtype) for m in range(t)]
+    if groups == 1:     # one product dZ · [K_0 … K_T-1]ᵀ, then the slice of each offset
+        c = jnp.matmul(dz.reshape(-1, co), kernel.reshape(t * ci, co).T,
+                       preferred_element_type=acc).astype(dz.dtype)
+        c = lax.optimization_barrier(c.reshape(*dz.shape[:-1], t * ci))
+        contribs = [c[..., m * ci:(m + 1) * ci] for m in range(t)]
+    else:
+        contribs = [jnp.einsum("...go,cgo->...gc", d, k[m], preferred_element_type=acc)
+                    .reshape(*dz.shape[:-1], groups * ci).astype(dz.dtype) for m in range(t)]
     return _windows.overlap_add(contribs, x_shape[1:-1], cfg)
 
 
