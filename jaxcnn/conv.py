@@ -102,19 +102,21 @@ def _correlate_patches(x, kernel, cfg: WindowConfig, groups: int):
     into the patch matrix ``P: (N, *out, T · C_in)`` and multiply it by the kernel flattened to
     ``(T · C_in / G, C_out)``, group by group. No ``conv_general_dilated``.
 
-    Returns ``(Z, P)``; ``P`` is None on the term-by-term path. The backward reuses ``P``.
+    Returns ``(Z, P)``; ``P`` is None on the term-by-term path. The backward reuses ``P``
+    (kept as a residual: memory ``T`` times the layer's input, traded for one product in ``dK``).
     """
     out = _windows.out_shape(x.shape, cfg)
-    taps = _windows.taps(_windows.pad(x, cfg.padding), cfg, out)
-    t, ci, co, g = len(taps), kernel.shape[-2], kernel.shape[-1], groups
+    t, ci, co, g = int(np.prod(cfg.window)), kernel.shape[-2], kernel.shape[-1], groups
     acc = _windows.accum_dtype(x.dtype)
     k = kernel.reshape(t, ci, g, co // g).astype(acc)          # (T, C_in/G, G, C_out/G)
-    if t * ci * (co // g) <= _FUSED_MACS:
+    fused = t * ci * (co // g) <= _FUSED_MACS
+    if fused:
         # Materialize the input and (below) the sum: otherwise XLA fuses the producer of x
         # (say a max-pool) into every one of the T·C_in terms, or the whole chain into every
         # consumer of z, and recomputes it there.
         x = lax.optimization_barrier(x)
-        taps = _windows.taps(_windows.pad(x, cfg.padding), cfg, out)
+    taps = _windows.taps(_windows.pad(x, cfg.padding), cfg, out)
+    if fused:
         z = None
         for m, tap in enumerate(taps):
             tap = tap.astype(acc).reshape(*tap.shape[:-1], g, ci)      # (N, *out, G, C_in/G)
