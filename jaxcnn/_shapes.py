@@ -25,7 +25,6 @@ padding ``max((out - 1) * s + k_eff - n, 0)``, the odd extra unit at the end), a
 
 from __future__ import annotations
 
-import math
 import operator
 from typing import NamedTuple, Sequence
 
@@ -331,7 +330,3 @@ def check_labels(fn: str, logits_shape, labels_shape, labels_dtype):
             f"{fn}: labels must have shape (N,) = ({logits_shape[0]},) to match logits "
             f"{_fmt_shape(logits_shape)}; got {_fmt_shape(labels_shape)}"
         )
-
-
-def prod(xs) -> int:
-    return math.prod(int(v) for v in xs)
