@@ -70,10 +70,6 @@ FD_TOLERANCES = {
     "float32": {"step": 1e-2, "rtol": 1e-2, "atol": 1e-3},
 }
 
-# The check compiles dozens of one-off programs; on CPU, XLA's LLVM optimization level 0 cuts
-# the compile time by about a third. The HLO is the same, so the numbers agree to rounding.
-CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
-
 FD_ELEMENTWISE_MAX = 64   # arguments with at most this many elements: FD of every element
 FD_DIRECTIONS = 6         # larger arguments: this many random directions (max |v_k| = 1)
 
@@ -470,10 +466,9 @@ def _run(fn, refs: dict, smooth, args, names, *, title, skip=None, owner=None,
 
 
 def _jit_once(f, *args):
-    """Compile ``f`` for ``args`` (see :data:`CPU_COMPILER_OPTIONS`) and run it once."""
-    lowered = jax.jit(f).lower(*args)
-    options = CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
-    return lowered.compile(options)(*args)
+    """Compile ``f`` for ``args`` with the default options of whatever backend runs, and run it
+    once (one compilation per configuration, not cached: each is used once)."""
+    return jax.jit(f).lower(*args).compile()(*args)
 
 
 # ============================================================================================
@@ -1062,9 +1057,7 @@ def header(dtype: str) -> list:
     return [
         f"jaxcnn derivation check: backend {jax.default_backend()} "
         f"({len(devices)} device{'s' if len(devices) != 1 else ''}: {names}), "
-        f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, dtype {dtype}"
-        + (f" (XLA CPU compile options {CPU_COMPILER_OPTIONS})"
-           if jax.default_backend() == "cpu" else ""),
+        f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, dtype {dtype}",
         "(a) = the custom VJP (impl=\"manual\", the lecture's backward), compared with:",
         "  fwd  forward output, impl=\"manual\" vs impl=\"lax\"",
         "  (b)  jax.grad through impl=\"lax\"",
