@@ -272,6 +272,9 @@ def _conv_input_grad_scatter(dz, kernel, x_shape, cfg: WindowConfig, groups: int
     (rot180) and ``p = j + m' d - (k_eff - 1)`` shows that this is the gather form's full
     convolution with the terms summed in the other order: for every ``p`` both sum
     ``dZ_i K_mᵀ`` over the same pairs ``(i, m)``.
+
+    Half-precision ``dZ`` (float16 / bfloat16): the products and the overlap-add both run in
+    float32; the caller rounds ``dX`` once, at the end.
     """
     t = int(np.prod(cfg.window))
     ci, co = kernel.shape[-2], kernel.shape[-1]
@@ -280,12 +283,12 @@ def _conv_input_grad_scatter(dz, kernel, x_shape, cfg: WindowConfig, groups: int
     d = dz.reshape(*dz.shape[:-1], groups, co // groups)        # (N, *out, G, C_out/G)
     if groups == 1:     # one product dZ · [K_0 … K_T-1]ᵀ, then the slice of each offset
         c = jnp.matmul(dz.reshape(-1, co), kernel.reshape(t * ci, co).T,
-                       preferred_element_type=acc).astype(dz.dtype)
+                       preferred_element_type=acc)
         c = lax.optimization_barrier(c.reshape(*dz.shape[:-1], t * ci))
         contribs = [c[..., m * ci:(m + 1) * ci] for m in range(t)]
     else:
         contribs = [jnp.einsum("...go,cgo->...gc", d, k[m], preferred_element_type=acc)
-                    .reshape(*dz.shape[:-1], groups * ci).astype(dz.dtype) for m in range(t)]
+                    .reshape(*dz.shape[:-1], groups * ci) for m in range(t)]
     return _windows.overlap_add(contribs, x_shape[1:-1], cfg)
 
 
