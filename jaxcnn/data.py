@@ -995,26 +995,39 @@ def batches(
             f"and y of shape {y.shape}"
         )
     n = len(x)
-    batch_size = _check_count("batches", "batch_size", batch_size)
+    indices = _batch_indices("batches", n, batch_size, seed=seed, epoch=epoch, shuffle=shuffle,
+                             drop_last=drop_last)
+    return ((x[idx], y[idx]) for idx in indices)
+
+
+def batch_indices(n: int, batch_size: int, *, seed: int = 0, epoch: int = 0,
+                  shuffle: bool = True, drop_last: bool = True) -> Iterator[np.ndarray]:
+    """The example indices of the batches of :func:`batches` (the same order and rules), as
+    int arrays: to load only part of each batch, e.g. the rows one process of a multi-host run
+    feeds to its devices (``x[idx[rows]]``)."""
+    n = _check_count("batch_indices", "n", n, minimum=0)
+    return _batch_indices("batch_indices", n, batch_size, seed=seed, epoch=epoch,
+                          shuffle=shuffle, drop_last=drop_last)
+
+
+def _batch_indices(fn, n, batch_size, *, seed, epoch, shuffle, drop_last):
+    batch_size = _check_count(fn, "batch_size", batch_size)
     if drop_last and batch_size > n:
         raise ValueError(
-            f"batches: batch_size ({batch_size}) must be <= the number of examples ({n}) when "
+            f"{fn}: batch_size ({batch_size}) must be <= the number of examples ({n}) when "
             f"drop_last=True, or no batch would be produced"
         )
-    seed = _check_count("batches", "seed", seed, minimum=0)
-    epoch = _check_count("batches", "epoch", epoch, minimum=0)
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else None
-    return _iterate(x, y, order, batch_size, num_batches(n, batch_size, drop_last=drop_last))
+    seed = _check_count(fn, "seed", seed, minimum=0)
+    epoch = _check_count(fn, "epoch", epoch, minimum=0)
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    count = num_batches(n, batch_size, drop_last=drop_last)
+    return _slices(order, batch_size, count)
 
 
-def _iterate(x, y, order, batch_size, count):
-    """Yield `count` batches of `batch_size` (the last may be shorter) in `order`."""
+def _slices(order, batch_size, count):
+    """Yield `count` consecutive pieces of `batch_size` (the last may be shorter) of `order`."""
     for i in range(count):
-        if order is None:
-            part = slice(i * batch_size, (i + 1) * batch_size)
-        else:
-            part = order[i * batch_size : (i + 1) * batch_size]
-        yield x[part], y[part]
+        yield order[i * batch_size : (i + 1) * batch_size]
 
 
 def num_batches(n: int, batch_size: int, *, drop_last: bool = True) -> int:
