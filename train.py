@@ -5,18 +5,38 @@
     python train.py --dataset fashion_mnist --model small_cnn --data-dir ~/data
     python train.py --resume                          # continue the run in --out
     python train.py --eval-only                       # evaluate the checkpoint in --out
+    python train.py --devices 2 --dtype bfloat16      # 2 devices, bfloat16 compute
+
+Every local device is used by default (data parallel, see jaxcnn.parallel). Many hosts: start
+the same command on each with --coordinator HOST:PORT --num-processes N --process-id I (or with
+$JAX_COORDINATOR_ADDRESS, or --distributed on a cluster that JAX recognises).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import NamedTuple
 
-from jaxcnn import data, models, training
+from jaxcnn import data, models, parallel, training
+
+
+class Distributed(NamedTuple):
+    """The multi-process settings, passed to :func:`jaxcnn.parallel.initialize`."""
+
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    auto: bool = False
 
 
 def parse_args(argv=None) -> training.TrainConfig:
     """The command line as a :class:`jaxcnn.training.TrainConfig` (defaults: its defaults)."""
+    return parse_command_line(argv)[0]
+
+
+def parse_command_line(argv=None) -> tuple[training.TrainConfig, Distributed]:
+    """The command line as the run's configuration and its multi-process settings."""
     d = training.TrainConfig()
     p = argparse.ArgumentParser(
         prog="train.py",
@@ -53,18 +73,40 @@ def parse_args(argv=None) -> training.TrainConfig:
                    help="use only the first N training examples (quick runs, tests)")
     p.add_argument("--n-test", type=int, default=d.n_test, metavar="N",
                    help="use only the first N test examples")
-    args = p.parse_args(argv)
+    p.add_argument("--devices", type=int, default=d.devices, metavar="N",
+                   help="train data-parallel on the first N devices (default: every device of "
+                        "every process); --batch-size must be divisible by N")
+    p.add_argument("--dtype", choices=training.DTYPES, default=d.dtype,
+                   help="compute dtype; bfloat16 keeps float32 master params, optimizer state "
+                        "and accumulation (default: %(default)s)")
+    dist = p.add_argument_group(
+        "many processes (one per host)",
+        "Start the same command in every process; JAX's distributed runtime connects them. "
+        "Process 0 prints and writes the files.")
+    dist.add_argument("--coordinator", metavar="HOST:PORT",
+                      help="address of process 0's coordinator service (default: "
+                           f"${parallel.COORDINATOR_ENV})")
+    dist.add_argument("--num-processes", type=int, metavar="N", help="number of processes")
+    dist.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1")
+    dist.add_argument("--distributed", action="store_true",
+                      help="start the distributed runtime and let JAX read the settings from "
+                           "the cluster (SLURM, Open MPI, Cloud TPU pods, Kubernetes)")
+    args = vars(p.parse_args(argv))
+    distributed = Distributed(args.pop("coordinator"), args.pop("num_processes"),
+                              args.pop("process_id"), args.pop("distributed"))
     try:
-        return training.TrainConfig(**vars(args))
+        return training.TrainConfig(**args), distributed
     except (TypeError, ValueError) as err:
         p.error(str(err))
 
 
 def main(argv=None) -> int:
-    config = parse_args(argv)
+    config, distributed = parse_command_line(argv)
     try:
+        parallel.initialize(distributed.coordinator, distributed.num_processes,
+                            distributed.process_id, auto=distributed.auto)
         training.fit(config)
-    except (ValueError, OSError, FloatingPointError) as err:
+    except (ValueError, TypeError, RuntimeError, OSError, FloatingPointError) as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -44,13 +44,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import __version__, _io, data
+from . import __version__, _io, data, parallel
 from ._shapes import IMPLS
 from .dense import cross_entropy, log_softmax
 from .models import MODELS
 from .nn import count_params
 
 OPTIMIZERS = ("adam", "sgd", "momentum")
+DTYPES = ("float32", "bfloat16")  # the compute dtype; params and optimizer state stay float32
 MOMENTUM = 0.9  # the "momentum" optimizer: SGD with heavy-ball momentum 0.9
 CHECKPOINT = "checkpoint.npz"
 METRICS = "metrics.jsonl"
@@ -84,6 +85,12 @@ class TrainConfig:
       resume: continue from the checkpoint in ``out``.
       eval_only: only evaluate the checkpoint in ``out`` on the test set.
       n_train, n_test: use only this many examples (None: the whole split).
+      devices: train data-parallel on this many devices (None: every device JAX sees, in every
+        process); ``batch_size`` must be divisible by it. See :mod:`jaxcnn.parallel`.
+      dtype: the compute dtype, one of :data:`DTYPES`. ``"bfloat16"``: the forward and backward
+        passes run in bfloat16 (products accumulated in float32 by every op, both impls), on
+        a bfloat16 copy of the float32 master params; the loss, the gradients and the optimizer
+        update are float32.
     """
 
     dataset: str = "synthetic"
@@ -100,6 +107,8 @@ class TrainConfig:
     eval_only: bool = False
     n_train: int | None = None
     n_test: int | None = None
+    devices: int | None = None
+    dtype: str = "float32"
 
     def __post_init__(self):
         fn = "TrainConfig"
@@ -107,10 +116,11 @@ class TrainConfig:
         _check_choice(fn, "model", self.model, tuple(MODELS))
         _check_choice(fn, "impl", self.impl, IMPLS)
         _check_choice(fn, "optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice(fn, "dtype", self.dtype, DTYPES)
         _check_int(fn, "epochs", self.epochs, minimum=1)
         _check_int(fn, "batch_size", self.batch_size, minimum=1)
         _check_int(fn, "seed", self.seed, minimum=0)
-        for name in ("n_train", "n_test"):
+        for name in ("n_train", "n_test", "devices"):
             if getattr(self, name) is not None:
                 _check_int(fn, name, getattr(self, name), minimum=1)
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)):
@@ -177,56 +187,94 @@ def make_optimizer(name: str, lr: float, decay_steps: int | None = None
 # The loss, the step, evaluation.
 
 
-def loss_fn(params, batch, *, apply: Callable, impl: str):
+def loss_fn(params, batch, *, apply: Callable, impl: str, dtype: str = "float32"):
     """Mean softmax cross-entropy of the model on ``batch = (x, y)``:
-    ``L = -(1/N) Σ_n log softmax(apply(params, x)_n)[y_n]``."""
+    ``L = -(1/N) Σ_n log softmax(apply(params, x)_n)[y_n]``.
+
+    With ``dtype="bfloat16"`` (mixed precision) the model runs on bfloat16 copies of ``x`` and
+    of the float32 ``params``; its logits are cast back to float32 for the softmax and the
+    loss. The gradient of each cast is the reverse cast, so ``jax.grad`` of this function with
+    respect to float32 params is float32.
+    """
     x, y = batch
-    return cross_entropy(apply(params, x, impl=impl), y, impl=impl)
+    return cross_entropy(_logits(params, x, apply, impl, dtype), y, impl=impl)
 
 
-@partial(jax.jit, static_argnames=("apply", "optimizer", "impl"))
+def _logits(params, x, apply, impl, dtype):
+    """The model's logits; with ``dtype="bfloat16"`` computed in bfloat16 and returned as
+    float32 (``"float32"`` leaves every dtype as it is, so float64 params stay float64)."""
+    if dtype == "float32":
+        return apply(params, x, impl=impl)
+    params = jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
+    return apply(params, x.astype(dtype), impl=impl).astype(jnp.float32)
+
+
+@partial(jax.jit, static_argnames=("apply", "optimizer", "impl", "dtype"))
 def train_step(params, opt_state, batch, *, apply: Callable,
-               optimizer: optax.GradientTransformation, impl: str):
+               optimizer: optax.GradientTransformation, impl: str, dtype: str = "float32"):
     """One optimizer step on ``batch = (x, y)``: ``(params, opt_state, loss)`` after it.
 
-    ``loss`` is the loss of the batch *before* the update. ``apply``, ``optimizer`` and
-    ``impl`` are static: one compilation per (model, optimizer, impl, batch shape).
+    ``loss`` is the loss of the batch *before* the update. ``apply``, ``optimizer``, ``impl``
+    and ``dtype`` are static: one compilation per (model, optimizer, impl, dtype, batch shape,
+    shardings).
+
+    Data parallelism needs nothing here: given a batch split over a mesh's ``"data"`` axis and
+    replicated params (:mod:`jaxcnn.parallel`), XLA computes each device's share of the batch
+    where it lies and sums the gradients across devices (the mean over the batch becomes an
+    all-reduce); the updated params come back replicated.
     """
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch, apply=apply, impl=impl)
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch, apply=apply, impl=impl,
+                                              dtype=dtype)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
 
-@partial(jax.jit, static_argnames=("apply", "impl"))
-def _eval_step(params, x, y, mask, *, apply: Callable, impl: str):
+@partial(jax.jit, static_argnames=("apply", "impl", "dtype"))
+def _eval_step(params, x, y, mask, *, apply: Callable, impl: str, dtype: str):
     """Summed cross-entropy and number of correct predictions over the rows where ``mask``."""
-    logp = log_softmax(apply(params, x, impl=impl), impl=impl)
+    logp = log_softmax(_logits(params, x, apply, impl, dtype), impl=impl)
     losses = -jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
     correct = jnp.argmax(logp, axis=-1) == y
     return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(correct & mask)
 
 
-def evaluate(params, x, y, *, apply: Callable, impl: str, batch_size: int = EVAL_BATCH_SIZE):
+def evaluate(params, x, y, *, apply: Callable, impl: str, batch_size: int = EVAL_BATCH_SIZE,
+             dtype: str = "float32", mesh=None):
     """Mean loss and accuracy over *every* example of ``(x, y)``.
 
-    Batches of ``min(batch_size, len(x))``; the last partial batch is padded to that size and
-    its padding masked out, so the evaluation compiles once whatever ``len(x)`` is. Sums stay
-    on the device until the end: one host transfer.
+    Batches of ``min(batch_size, len(x))`` rows, rounded up to a multiple of the device count;
+    the last partial batch is padded to that size and its padding masked out, so the evaluation
+    compiles once whatever ``len(x)`` is. With a ``mesh`` (:func:`jaxcnn.parallel.data_mesh`)
+    every batch is split over its devices, each process supplying its own rows, and ``params``
+    must be replicated on it. Sums stay on the devices until the end: one host transfer.
 
     Returns:
       ``{"loss": float, "accuracy": float in [0, 1], "correct": int, "n": int}``.
     """
+    x, y = np.asarray(x), np.asarray(y)
     n = len(x)
-    size = min(batch_size, n)
+    devices = 1 if mesh is None else mesh.devices.size
+    size = -(-min(batch_size, n) // devices) * devices
+    rows = slice(None) if mesh is None else parallel.process_rows(mesh, size)
     loss_sum, correct = jnp.zeros(()), jnp.zeros((), jnp.int32)
-    for xb, yb in data.batches(x, y, size, shuffle=False, drop_last=False):
-        mask = np.arange(size) < len(xb)
-        xb, yb = _pad_to(xb, size), _pad_to(yb, size)
-        batch_loss, batch_correct = _eval_step(params, xb, yb, mask, apply=apply, impl=impl)
+    for idx in data.batch_indices(n, size, shuffle=False, drop_last=False):
+        mask = np.arange(size) < len(idx)
+        idx = _pad_to(idx, size)[rows]  # padding rows read example 0, masked out
+        xb, yb, mb = _put(mesh, size, x[idx], y[idx], mask[rows])
+        batch_loss, batch_correct = _eval_step(params, xb, yb, mb, apply=apply, impl=impl,
+                                               dtype=dtype)
         loss_sum, correct = loss_sum + batch_loss, correct + batch_correct
-    loss_sum, correct = jax.device_get((loss_sum, correct))
+    loss_sum, correct = parallel.host((loss_sum, correct))
     return {"loss": float(loss_sum) / n, "accuracy": int(correct) / n, "correct": int(correct),
             "n": n}
+
+
+def _put(mesh, size, *local):
+    """This process's rows of a global batch of ``size``, as arrays split over ``mesh``
+    (unchanged without a mesh)."""
+    if mesh is None:
+        return local
+    return tuple(parallel.shard(mesh, a, size) for a in local)
 
 
 def _pad_to(a: np.ndarray, size: int) -> np.ndarray:
@@ -250,7 +298,7 @@ def save_checkpoint(path, params, opt_state, meta: dict) -> None:
     is fsynced: a kill at any moment leaves either the old or the new checkpoint, complete.
     """
     named = _named_leaves(params, opt_state)
-    values = jax.device_get([leaf for _, leaf in named])  # one explicit transfer
+    values = parallel.host([leaf for _, leaf in named])  # one transfer, this process's copies
     arrays = {name: np.asarray(value) for (name, _), value in zip(named, values)}
     arrays[_META_KEY] = np.array(json.dumps({"format": _FORMAT, **meta}))
     _io.atomic_write(path, lambda f: np.savez(f, **arrays))
@@ -349,6 +397,8 @@ class FitResult:
     epoch: int
     history: list
     summary: dict
+    losses: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    """The training loss of every step this call ran (float64 copies of the step losses)."""
 
 
 def fit(config: TrainConfig, *, dataset=None) -> FitResult:
@@ -358,6 +408,12 @@ def fit(config: TrainConfig, *, dataset=None) -> FitResult:
     a progress bar when stderr is a terminal, and leaves the files listed in the module
     docstring in ``config.out_dir``.
 
+    Runs data-parallel on ``config.devices`` devices (default: all of them, in every process of
+    a multi-process run started with :func:`jaxcnn.parallel.initialize`): params and optimizer
+    state replicated, every batch split over the devices, each process loading only the rows
+    its own devices take. Process 0 alone prints and writes files; every process reads the
+    checkpoint when resuming.
+
     Args:
       config: a :class:`TrainConfig`.
       dataset: an already loaded :class:`jaxcnn.data.Dataset` (or any object with its
@@ -365,7 +421,8 @@ def fit(config: TrainConfig, *, dataset=None) -> FitResult:
 
     Raises:
       ValueError: a bad configuration, labels outside ``0..num_classes-1``, a batch size larger
-        than the training set, a checkpoint that does not match the model (and the errors of
+        than the training set or not divisible by the number of devices, more devices than
+        there are, a checkpoint that does not match the model (and the errors of
         :func:`jaxcnn.data.load_dataset`).
       FileNotFoundError: data files missing, or ``resume`` / ``eval_only`` without a checkpoint.
       FloatingPointError: the training loss became non-finite; the message names the step, and
@@ -377,36 +434,49 @@ def fit(config: TrainConfig, *, dataset=None) -> FitResult:
     started = time.perf_counter()
     ds = _load(config) if dataset is None else dataset
     _check_dataset(fn, ds, config)
+    mesh = parallel.data_mesh(config.devices)
+    if not config.eval_only:
+        parallel.check_divisible(fn, "batch_size", config.batch_size, mesh)
+    main = parallel.is_main_process()
     apply, params, opt_state, optimizer = _init(config, ds)
     out = config.out_dir
     checkpoint = out / CHECKPOINT
     if config.eval_only:
-        return _eval_only(config, ds, apply, params, opt_state, checkpoint)
+        return _eval_only(config, ds, apply, params, opt_state, checkpoint, mesh)
     step, start_epoch, history = 0, 0, []
     if config.resume:
         params, opt_state, meta = load_checkpoint(checkpoint, params, opt_state)
         step, start_epoch, history = meta["step"], meta["epoch"], meta["history"]
-        _note_config_changes(config, meta["config"])
-    out.mkdir(parents=True, exist_ok=True)
-    _io.atomic_write(out / METRICS, lambda f: f.write(_jsonl(history).encode()))
-    print(_header(config, ds, params, start_epoch), flush=True)
+        if main:
+            _note_config_changes(config, meta["config"])
+    params, opt_state = parallel.replicate((params, opt_state), mesh)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        _io.atomic_write(out / METRICS, lambda f: f.write(_jsonl(history).encode()))
+        print(_header(config, ds, params, start_epoch, mesh), flush=True)
+    losses = []
     for epoch in range(start_epoch, config.epochs):
-        params, opt_state, step, record = _run_epoch(
-            config, ds, apply, optimizer, params, opt_state, step, epoch, checkpoint)
+        params, opt_state, step, record, epoch_losses = _run_epoch(
+            config, ds, apply, optimizer, params, opt_state, step, epoch, checkpoint, mesh)
         history.append(record)
-        _append_line(out / METRICS, json.dumps(record))
-        save_checkpoint(checkpoint, params, opt_state,
-                        _checkpoint_meta(config, step, epoch + 1, history))
-        print(_epoch_line(record, config.epochs), flush=True)
-    summary = _summary(config, history, params, step, time.perf_counter() - started)
-    _io.atomic_write(out / SUMMARY, lambda f: f.write(json.dumps(summary, indent=2).encode()))
-    save_plots(out, history, params)
+        losses.append(epoch_losses)
+        if main:
+            _append_line(out / METRICS, json.dumps(record))
+            save_checkpoint(checkpoint, params, opt_state,
+                            _checkpoint_meta(config, step, epoch + 1, history))
+            print(_epoch_line(record, config.epochs), flush=True)
+    summary = _summary(config, history, params, step, time.perf_counter() - started, mesh)
     final = history[-1] if history else {}
-    if final:
-        print(f"test accuracy {100 * final['test_accuracy']:.2f}% after "
-              f"{_plural(final['epoch'], 'epoch')} ({summary['wall_time_seconds']:.1f} s); "
-              f"results in {out}", flush=True)
-    return FitResult(params, opt_state, step, len(history), history, summary)
+    if main:
+        _io.atomic_write(out / SUMMARY,
+                         lambda f: f.write(json.dumps(summary, indent=2).encode()))
+        save_plots(out, history, parallel.host(params))
+        if final:
+            print(f"test accuracy {100 * final['test_accuracy']:.2f}% after "
+                  f"{_plural(final['epoch'], 'epoch')} ({summary['wall_time_seconds']:.1f} s); "
+                  f"results in {out}", flush=True)
+    return FitResult(params, opt_state, step, len(history), history, summary,
+                     np.concatenate(losses) if losses else np.zeros(0))
 
 
 def _load(config: TrainConfig):
@@ -447,54 +517,63 @@ def _init(config: TrainConfig, ds):
     return apply, params, optimizer.init(params), optimizer
 
 
-def _run_epoch(config, ds, apply, optimizer, params, opt_state, step, epoch, checkpoint):
-    """Train one epoch and evaluate; return the new state, step, and the epoch's record."""
-    params, opt_state, step, train_loss, seconds = _train_epoch(
-        config, ds, apply, optimizer, params, opt_state, step, epoch, checkpoint)
-    test = evaluate(params, ds.test_x, ds.test_y, apply=apply, impl=config.impl)
+def _run_epoch(config, ds, apply, optimizer, params, opt_state, step, epoch, checkpoint, mesh):
+    """Train one epoch and evaluate; return the new state, step, the epoch's record and the
+    step losses."""
+    params, opt_state, step, losses, seconds = _train_epoch(
+        config, ds, apply, optimizer, params, opt_state, step, epoch, checkpoint, mesh)
+    test = evaluate(params, ds.test_x, ds.test_y, apply=apply, impl=config.impl,
+                    dtype=config.dtype, mesh=mesh)
     n_images = data.num_batches(len(ds.train_x), config.batch_size) * config.batch_size
     record = {
         "epoch": epoch + 1,
         "step": step,
-        "train_loss": train_loss,
+        "train_loss": float(losses.mean()),
         "test_loss": test["loss"],
         "test_accuracy": test["accuracy"],
         "images_per_second": n_images / seconds,
         "train_seconds": seconds,
     }
-    return params, opt_state, step, record
+    return params, opt_state, step, record, losses
 
 
-def _train_epoch(config, ds, apply, optimizer, params, opt_state, step, epoch, checkpoint):
-    """The training steps of one epoch.
+def _train_epoch(config, ds, apply, optimizer, params, opt_state, step, epoch, checkpoint,
+                 mesh):
+    """The training steps of one epoch; returns the step losses as float64.
 
-    Losses stay on the device and are read every :data:`SYNC_EVERY` steps, in one transfer:
-    for the progress bar and to stop at the first non-finite loss.
+    Each process gathers only its own rows of every batch (:func:`jaxcnn.parallel.process_rows`)
+    and hands them to its devices. Losses stay on the devices and are read every
+    :data:`SYNC_EVERY` steps, in one transfer: for the progress bar and to stop at the first
+    non-finite loss.
     """
     from tqdm.auto import tqdm
 
     n_batches = data.num_batches(len(ds.train_x), config.batch_size)
     bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
-               leave=False, disable=not sys.stderr.isatty())
-    total, pending = 0.0, []
+               leave=False, disable=not (sys.stderr.isatty() and parallel.is_main_process()))
+    rows = parallel.process_rows(mesh, config.batch_size)
+    done, pending = [], []
     started = time.perf_counter()
     with bar:
-        batches = data.batches(ds.train_x, ds.train_y, config.batch_size, seed=config.seed,
-                               epoch=epoch)
-        for i, batch in enumerate(batches):
+        indices = data.batch_indices(len(ds.train_x), config.batch_size, seed=config.seed,
+                                     epoch=epoch)
+        for i, idx in enumerate(indices):
+            local = idx[rows]
+            batch = _put(mesh, config.batch_size, ds.train_x[local], ds.train_y[local])
             params, opt_state, loss = train_step(params, opt_state, batch, apply=apply,
-                                                 optimizer=optimizer, impl=config.impl)
+                                                 optimizer=optimizer, impl=config.impl,
+                                                 dtype=config.dtype)
             pending.append(loss)
             if len(pending) == SYNC_EVERY or i == n_batches - 1:
-                losses = np.asarray(jax.device_get(pending), np.float64)
+                losses = np.asarray(parallel.host(pending), np.float64)
                 first = step + i + 2 - len(pending)  # the 1-based step of pending[0]
                 _check_finite(losses, first, config, epoch, n_batches, checkpoint)
-                total += losses.sum()
+                done.append(losses)
                 bar.update(len(pending))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 pending = []
     seconds = time.perf_counter() - started
-    return params, opt_state, step + n_batches, total / n_batches, seconds
+    return params, opt_state, step + n_batches, np.concatenate(done), seconds
 
 
 def _check_finite(losses, first_step, config, epoch, n_batches, checkpoint):
@@ -513,13 +592,16 @@ def _check_finite(losses, first_step, config, epoch, n_batches, checkpoint):
     )
 
 
-def _eval_only(config, ds, apply, params, opt_state, checkpoint) -> FitResult:
+def _eval_only(config, ds, apply, params, opt_state, checkpoint, mesh) -> FitResult:
     """Evaluate the checkpoint in ``config.out`` on the test set and print the result."""
     params, opt_state, meta = load_checkpoint(checkpoint, params, opt_state)
-    test = evaluate(params, ds.test_x, ds.test_y, apply=apply, impl=config.impl)
-    print(f"checkpoint {checkpoint} (epoch {meta['epoch']}, step {meta['step']}): test loss "
-          f"{test['loss']:.4f}  test acc {100 * test['accuracy']:.2f}% "
-          f"({test['correct']}/{test['n']})", flush=True)
+    params = parallel.replicate(params, mesh)
+    test = evaluate(params, ds.test_x, ds.test_y, apply=apply, impl=config.impl,
+                    dtype=config.dtype, mesh=mesh)
+    if parallel.is_main_process():
+        print(f"checkpoint {checkpoint} (epoch {meta['epoch']}, step {meta['step']}): test "
+              f"loss {test['loss']:.4f}  test acc {100 * test['accuracy']:.2f}% "
+              f"({test['correct']}/{test['n']})", flush=True)
     summary = {"test_loss": test["loss"], "test_accuracy": test["accuracy"],
                "checkpoint": str(checkpoint)}
     return FitResult(params, opt_state, meta["step"], meta["epoch"], meta["history"], summary)
@@ -550,7 +632,7 @@ def _checkpoint_meta(config, step, epoch, history) -> dict:
     }
 
 
-def _summary(config, history, params, step, wall_time) -> dict:
+def _summary(config, history, params, step, wall_time, mesh) -> dict:
     return {
         "final": history[-1] if history else None,
         "best_test_accuracy": max((r["test_accuracy"] for r in history), default=None),
@@ -564,7 +646,8 @@ def _summary(config, history, params, step, wall_time) -> dict:
                      "jaxlib": _jaxlib_version(), "optax": optax.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
         "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
+        "devices": [str(d) for d in mesh.devices.flat],
+        "processes": jax.process_count(),
         "platform": platform.platform(),
     }
 
@@ -578,12 +661,14 @@ def _jaxlib_version():
         return None
 
 
-def _header(config, ds, params, start_epoch) -> str:
+def _header(config, ds, params, start_epoch, mesh) -> str:
     what = f"resuming at epoch {start_epoch + 1}" if start_epoch else "training"
-    return (f"{what}: {config.model} ({count_params(params):,} params, impl {config.impl}) on "
-            f"{config.dataset} ({len(ds.train_x)} train / {len(ds.test_x)} test), "
-            f"{config.optimizer} lr {config.lr:g}, batch {config.batch_size}, "
-            f"{_plural(config.epochs, 'epoch')}, seed {config.seed} -> {config.out_dir}")
+    precision = "" if config.dtype == "float32" else f", {config.dtype} compute"
+    return (f"{what}: {config.model} ({count_params(params):,} params, impl {config.impl}"
+            f"{precision}) on {config.dataset} ({len(ds.train_x)} train / {len(ds.test_x)} "
+            f"test), {config.optimizer} lr {config.lr:g}, batch {config.batch_size}, "
+            f"{_plural(config.epochs, 'epoch')}, seed {config.seed}, "
+            f"{parallel.describe(mesh)} -> {config.out_dir}")
 
 
 def _plural(n: int, word: str) -> str:
