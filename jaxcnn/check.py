@@ -54,6 +54,19 @@ TOLERANCES = {
     "float32": {"rtol": 1e-5, "atol": 1e-5},
 }
 
+# bfloat16 compute (``train.py --dtype bfloat16``) held against float32. bfloat16 keeps 8
+# significant bits: eps = 2**-7 ≈ 7.8e-3, and one rounding errs by at most eps/2 relative.
+BFLOAT16_TOLERANCES = {
+    # One op, products accumulated in float32 and rounded once, on inputs that bfloat16 holds
+    # exactly: each element within eps/2 of the float32 result; rtol eps leaves a factor 2.
+    "op": {"rtol": 2.0 ** -7, "atol": 1e-6},
+    # A whole network's loss gradient (every layer's activations and cotangents rounded), per
+    # parameter: ||g_bf16 - g_f32|| / ||g_f32||. JAX's own default gradient tolerance for
+    # bfloat16 (jax._src.public_test_util.default_gradient_tolerance); measured on LeNet-5:
+    # at most 0.054.
+    "network_grad_rel_l2": 1e-1,
+}
+
 # Finite differences, per dtype in which they are *taken*: the relative step and the accuracy
 # that step allows. Central differences (f(x + h v) - f(x - h v)) / 2h err by
 # h²·|f'''|/6 (truncation) plus ~eps·|f|/h (rounding of f), with h = step · max(1, max|x|).

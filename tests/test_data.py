@@ -588,6 +588,26 @@ def test_batches_argument_errors():
         data.batches(x, y, 8, epoch=-1)
 
 
+@pytest.mark.parametrize("kwargs", [dict(seed=1, epoch=2), dict(shuffle=False),
+                                    dict(drop_last=False, epoch=5)])
+def test_batch_indices_are_the_rows_of_batches(kwargs):
+    x, y = make_xy(50)
+    indices = list(data.batch_indices(50, 8, **kwargs))
+    gathered = list(data.batches(x, y, 8, **kwargs))
+    assert len(indices) == len(gathered) and all(i.dtype.kind == "i" for i in indices)
+    for idx, (xb, yb) in zip(indices, gathered):
+        np.testing.assert_array_equal(x[idx], xb)
+        np.testing.assert_array_equal(y[idx], yb)
+    # One process of a multi-process run loads only its rows; together they make the batch.
+    idx = indices[0]
+    np.testing.assert_array_equal(np.concatenate([x[idx[:4]], x[idx[4:]]]), gathered[0][0])
+    with pytest.raises(ValueError, match=r"batch_indices: batch_size \(51\) must be <= the "
+                                         r"number of examples \(50\)"):
+        data.batch_indices(50, 51)
+    with pytest.raises(ValueError, match=r"batch_indices: n must be >= 0; got -1"):
+        data.batch_indices(-1, 8)
+
+
 def test_num_batches():
     assert data.num_batches(0, 5) == 0
     assert data.num_batches(10, 5) == 2 and data.num_batches(11, 5) == 2

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from jaxcnn import data, models, training
+from jaxcnn.check import BFLOAT16_TOLERANCES
 from jaxcnn.training import TrainConfig
 
 BATCH, LR, N_TEST, IMPL = 32, 2e-3, 100, "lax"
@@ -81,6 +82,9 @@ def tree_equal(a, b):
     (dict(seed=-1), ValueError, r"TrainConfig: seed must be >= 0; got -1"),
     (dict(n_train=0), ValueError, r"TrainConfig: n_train must be >= 1; got 0"),
     (dict(resume=True, eval_only=True), ValueError, r"TrainConfig: resume and eval_only exclude"),
+    (dict(devices=0), ValueError, r"TrainConfig: devices must be >= 1; got 0"),
+    (dict(devices=1.0), TypeError, r"TrainConfig: devices must be an int; got float 1.0"),
+    (dict(dtype="float16"), ValueError, r"TrainConfig: dtype must be one of \('float32', 'bfloat16'\); got 'float16'"),
 ])
 def test_bad_config(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -233,6 +237,9 @@ def test_short_run_learns_and_leaves_its_files(tmp_path, small, capsys):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and records == result.history
     assert records[-1]["step"] == 100 and result.step == 100
+    assert len(result.losses) == 100        # every step's loss; each epoch's mean is recorded
+    np.testing.assert_allclose([result.losses[:50].mean(), result.losses[50:].mean()],
+                               [r["train_loss"] for r in records], rtol=1e-12)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["final"] == records[-1]
     assert summary["config"] == cfg.to_json()
@@ -485,3 +492,45 @@ def test_lax_and_manual_adam_runs_agree_for_50_steps_in_float64(lenet, small):
     assert losses["lax"].dtype == np.float64 and len(losses["lax"]) == 50
     assert losses["manual"][-1] < 0.7 * losses["manual"][0]   # it did learn
     np.testing.assert_allclose(losses["manual"], losses["lax"], **tol("float64"))
+
+
+# ------------------------------------------------------------------------------------------
+# Mixed precision: bfloat16 compute, float32 master params.
+
+
+def test_bfloat16_gradients_agree_with_float32(lenet, small):
+    """The LeNet-5 loss gradient computed in bfloat16 (both impls, the manual VJPs included)
+    comes back float32 and is within bfloat16 tolerance of the float32 gradient, parameter by
+    parameter; manual and lax agree with each other in bfloat16 too."""
+    apply, params = lenet
+    batch = (small.train_x[:64], small.train_y[:64])
+    grads = {(impl, dtype): jax.grad(training.loss_fn)(params, batch, apply=apply, impl=impl,
+                                                       dtype=dtype)
+             for impl in ("manual", "lax") for dtype in training.DTYPES}
+    bound = BFLOAT16_TOLERANCES["network_grad_rel_l2"]
+
+    def rel_l2(a, b):
+        return [float(np.linalg.norm(np.asarray(x, np.float64) - np.asarray(y, np.float64)) /
+                      np.linalg.norm(np.asarray(y, np.float64)))
+                for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))]
+
+    for impl in ("manual", "lax"):
+        half, full = grads[impl, "bfloat16"], grads[impl, "float32"]
+        assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(half))
+        errors = rel_l2(half, full)
+        assert max(errors) <= bound, (impl, errors)
+        assert min(errors) > 0          # it really ran in bfloat16
+    errors = rel_l2(grads["manual", "bfloat16"], grads["lax", "bfloat16"])
+    assert max(errors) <= BFLOAT16_TOLERANCES["op"]["rtol"], errors
+
+
+@pytest.mark.parametrize("impl", ["manual", "lax"])
+def test_a_bfloat16_run_trains_with_float32_master_params(tmp_path, small, impl, capsys):
+    result = training.fit(config(tmp_path, dtype="bfloat16", impl=impl), dataset=small)
+    assert "bfloat16 compute" in capsys.readouterr().out
+    losses = result.losses
+    assert len(losses) == 50 and np.all(np.isfinite(losses))
+    assert losses[-10:].mean() < 0.7 * losses[:10].mean(), losses   # the loss falls
+    assert result.history[-1]["test_accuracy"] >= 0.5                # chance is 10%
+    for leaf in jax.tree_util.tree_leaves((result.params, result.opt_state)):
+        assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype   # master copies stay float32

@@ -1,0 +1,240 @@
+"""Tests for jaxcnn.parallel and data-parallel training: one device, four, two processes.
+
+JAX fixes its devices when it starts, so the multi-device runs happen in child processes
+(``tests/_parallel_child.py``), on CPU, with ``XLA_FLAGS=--xla_force_host_platform_device_count``:
+one process with 4 devices, and a two-process run on 127.0.0.1 (JAX's distributed runtime, a
+local coordinator, 2 devices each). The three children start together, once per session, and
+the tests assert on what they report. The rest runs in this (single-device) process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxcnn import parallel, training
+
+from conftest import closed_port_url
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CHILD = ROOT / "tests" / "_parallel_child.py"
+STEPS, BATCH = 20, 32  # the children's run: tests/_parallel_child.py
+CHILD_TIMEOUT = 600  # seconds; a hung distributed run fails the test instead of the session
+
+
+def child_env(devices: int) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={devices}").strip()
+    env["JAX_PLATFORMS"] = "cpu"  # the forced host devices are CPU devices
+    env["JAXCNN_MIRRORS"] = closed_port_url()  # nothing may be downloaded
+    env.pop(parallel.COORDINATOR_ENV, None)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def finish(proc, name):
+    try:
+        out, _ = proc.communicate(timeout=CHILD_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"{name} did not finish in {CHILD_TIMEOUT} s; its output:\n{out}")
+    if proc.returncode != 0:
+        pytest.fail(f"{name} exited with {proc.returncode}; its output:\n{out}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def children(tmp_path_factory):
+    """Run the 4-device child and the two processes of the distributed run, all at once."""
+    tmp = tmp_path_factory.mktemp("parallel")
+    coordinator = f"127.0.0.1:{free_port()}"
+    spawn = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp)
+    procs = {
+        "devices": subprocess.Popen(
+            [sys.executable, str(CHILD), "devices", str(tmp / "devices.json"),
+             str(tmp / "runs")], env=child_env(4), **spawn),
+    }
+    for pid in (0, 1):
+        procs[f"process{pid}"] = subprocess.Popen(
+            [sys.executable, str(CHILD), "process", str(tmp / f"process{pid}.json"),
+             str(tmp / "distributed"), coordinator, "2", str(pid)], env=child_env(2), **spawn)
+    outputs = {name: finish(proc, name) for name, proc in procs.items()}
+    results = {name: json.loads((tmp / f"{name}.json").read_text()) for name in procs}
+    return {"results": results, "outputs": outputs, "dir": tmp}
+
+
+def assert_replicated(placements, mesh_size, what):
+    assert placements, what
+    for p in placements:
+        assert p["spec"] == "P()" and p["replicated"], (what, p)
+        assert p["mesh_size"] == mesh_size, (what, p)
+
+
+# --------------------------------------------------------------------------------------------
+# Four devices in one process.
+
+
+def test_four_devices_and_one_device_give_the_same_losses(children):
+    runs = children["results"]["devices"]["runs"]
+    four, one = np.array(runs["4"]["losses"]), np.array(runs["1"]["losses"])
+    assert len(four) == len(one) == STEPS
+    assert np.all(np.isfinite(four)) and np.ptp(four) > 0   # 20 real, different losses
+    np.testing.assert_allclose(four, one, rtol=1e-5)
+    assert runs["4"]["test_accuracy"] == runs["1"]["test_accuracy"]
+    np.testing.assert_allclose(runs["4"]["test_loss"], runs["1"]["test_loss"], rtol=1e-5)
+    assert len(runs["4"]["summary_devices"]) == 4 and len(runs["1"]["summary_devices"]) == 1
+
+
+def test_batches_are_split_over_the_devices(children):
+    step = children["results"]["devices"]["runs"]["4"]["first_step"]
+    for name, shape in (("batch_x", [BATCH, 28, 28, 1]), ("batch_y", [BATCH])):
+        placed = step[name]
+        assert placed["spec"] == "P('data',)" and placed["mesh_size"] == 4, placed
+        assert not placed["replicated"] and placed["shape"] == shape, placed
+        assert placed["shard_shapes"] == [[BATCH // 4, *shape[1:]]], placed
+        assert placed["shard_rows"] == [[0, 8], [8, 16], [16, 24], [24, 32]], placed
+
+
+def test_params_and_optimizer_state_stay_replicated(children):
+    runs = children["results"]["devices"]["runs"]
+    for n in ("4", "1"):
+        step = runs[n]["first_step"]
+        assert_replicated(step["params_in"], int(n), f"params into the step, {n} devices")
+        assert_replicated(step["params_out"], int(n), f"params out of the step, {n} devices")
+        assert_replicated(step["opt_state_out"], int(n), f"optimizer state, {n} devices")
+        assert_replicated(runs[n]["final_params"], int(n), f"params after fit, {n} devices")
+
+
+def test_a_batch_that_the_devices_do_not_divide_is_refused(children):
+    bad = children["results"]["devices"]["bad_batch"]
+    assert bad["code"] == 1
+    assert ("fit: batch_size (30) must be divisible by the number of devices (4: 4 cpu "
+            "devices), since every device takes an equal share of each batch; use batch_size "
+            "28 or 32, or another number of devices") in bad["stderr"], bad["stderr"]
+    assert "Traceback" not in bad["stderr"]
+    assert not bad["out_exists"]  # refused before anything was written
+
+
+# --------------------------------------------------------------------------------------------
+# Two processes, two devices each.
+
+
+def test_two_processes_give_the_same_losses_as_one(children):
+    results = children["results"]
+    ref = np.array(results["devices"]["runs"]["4"]["losses"])
+    for pid in (0, 1):
+        r = results[f"process{pid}"]
+        assert r["initialized"] and r["process_count"] == 2 and r["process_index"] == pid, r
+        assert r["device_count"] == 4 and r["local_device_count"] == 2, r
+        np.testing.assert_allclose(r["losses"], ref, rtol=1e-5, err_msg=f"process {pid}")
+        np.testing.assert_allclose(r["test_loss"], results["devices"]["runs"]["4"]["test_loss"],
+                                   rtol=1e-5)
+    # Both processes hold the same replicated params.
+    assert results["process0"]["host_param_sum"] == results["process1"]["host_param_sum"]
+
+
+def test_each_process_feeds_only_its_own_rows(children):
+    results = children["results"]
+    assert results["process0"]["rows"] == [0, BATCH // 2]
+    assert results["process1"]["rows"] == [BATCH // 2, BATCH]
+    for pid, rows in ((0, [[0, 8], [8, 16]]), (1, [[16, 24], [24, 32]])):
+        step = results[f"process{pid}"]["first_step"]
+        assert step["batch_x"]["shard_rows"] == rows, step["batch_x"]
+        assert step["batch_x"]["mesh_size"] == 4 and step["batch_x"]["shape"][0] == BATCH
+        assert_replicated(step["params_out"], 4, f"params out of the step, process {pid}")
+
+
+def test_only_process_zero_prints_and_writes(children):
+    out = children["dir"] / "distributed"
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["epoch"] == 1  # written once, not twice
+    assert (out / "checkpoint.npz").is_file() and (out / "summary.json").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and len(summary["devices"]) == 4
+    assert "epoch 1/1" in children["outputs"]["process0"]
+    assert "4 cpu devices in 2 processes" in children["outputs"]["process0"]
+    assert "epoch 1/1" not in children["outputs"]["process1"]
+    assert "training:" not in children["outputs"]["process1"]
+
+
+# --------------------------------------------------------------------------------------------
+# In this process (one CPU device).
+
+
+def test_data_mesh_over_every_device_by_default():
+    mesh = parallel.data_mesh()
+    assert mesh.axis_names == (parallel.AXIS,) and mesh.devices.size == jax.device_count()
+    assert parallel.data_mesh(1).devices.size == 1
+
+
+@pytest.mark.parametrize("devices, error, match", [
+    (0, ValueError, r"data_mesh: devices must lie in 1\.\.1 \(the devices JAX sees: 1 cpu "
+                    r"device\); got 0"),
+    (2, ValueError, r"data_mesh: devices must lie in 1\.\.1 .*; got 2"),
+    ("2", TypeError, r"data_mesh: devices must be an int or None; got str '2'"),
+    (True, TypeError, r"data_mesh: devices must be an int or None; got bool True"),
+])
+def test_data_mesh_errors(devices, error, match):
+    with pytest.raises(error, match=match):
+        parallel.data_mesh(devices)
+
+
+def test_one_process_holds_every_row_and_the_data_lands_sharded():
+    mesh = parallel.data_mesh(1)
+    assert parallel.process_rows(mesh, 24) == slice(0, 24)
+    x = np.arange(24.0, dtype=np.float32).reshape(6, 4)
+    a = parallel.shard(mesh, x, 6)
+    assert a.sharding == parallel.batch_sharding(mesh) and np.array_equal(np.asarray(a), x)
+    tree = {"w": np.ones((2, 3), np.float32), "b": jax.numpy.zeros(3)}
+    rep = parallel.replicate(tree, mesh)
+    assert all(leaf.sharding == parallel.replicated(mesh) for leaf in jax.tree.leaves(rep))
+    back = parallel.host(rep)
+    assert isinstance(back["w"], np.ndarray) and np.array_equal(back["w"], tree["w"])
+
+
+def test_initialize_does_nothing_without_settings(monkeypatch):
+    monkeypatch.delenv(parallel.COORDINATOR_ENV, raising=False)
+    assert parallel.initialize() is False
+    assert jax.process_count() == 1
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(coordinator="localhost", num_processes=2, process_id=0), ValueError,
+     r"initialize: coordinator must be 'host:port' with a port in 1\.\.65535; got 'localhost'"),
+    (dict(coordinator="localhost:0", num_processes=2, process_id=0), ValueError,
+     r"coordinator must be 'host:port'.*got 'localhost:0'"),
+    (dict(coordinator=1234, num_processes=2, process_id=0), TypeError,
+     r"initialize: coordinator must be a 'host:port' string; got int 1234"),
+    (dict(coordinator="h:1", num_processes=0, process_id=0), ValueError,
+     r"initialize: num_processes must be >= 1; got 0"),
+    (dict(coordinator="h:1", num_processes=2, process_id=2), ValueError,
+     r"initialize: process_id must lie in 0\.\.num_processes-1 \(0\.\.1\); got 2"),
+    (dict(coordinator="h:1", num_processes="2", process_id=0), TypeError,
+     r"initialize: num_processes must be an int; got str '2'"),
+])
+def test_initialize_rejects_bad_settings_before_starting_anything(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        parallel.initialize(**kwargs)
+    assert jax.process_count() == 1
+
+
+def test_fit_with_more_devices_than_there_are(tmp_path):
+    config = training.TrainConfig(devices=2, n_train=64, n_test=10, out=str(tmp_path / "r"))
+    with pytest.raises(ValueError, match=r"data_mesh: devices must lie in 1\.\.1"):
+        training.fit(config)
+    assert not (tmp_path / "r").exists()
