@@ -504,8 +504,8 @@ def test_bfloat16_gradients_agree_with_float32(lenet, small):
     parameter; manual and lax agree with each other in bfloat16 too."""
     apply, params = lenet
     batch = (small.train_x[:64], small.train_y[:64])
-    grads = {(impl, dtype): jax.grad(training.loss_fn)(params, batch, apply=apply, impl=impl,
-                                                       dtype=dtype)
+    grad = jax.jit(jax.grad(training.loss_fn), static_argnames=("apply", "impl", "dtype"))
+    grads = {(impl, dtype): grad(params, batch, apply=apply, impl=impl, dtype=dtype)
              for impl in ("manual", "lax") for dtype in training.DTYPES}
     bound = BFLOAT16_TOLERANCES["network_grad_rel_l2"]
 
