@@ -611,9 +611,10 @@ def _note_config_changes(config: TrainConfig, saved: dict):
     """Say which settings differ from the checkpoint's (a changed seed, batch size or learning
     rate makes the resumed run differ from an uninterrupted one)."""
     ignored = {"epochs", "resume", "eval_only", "out"}
-    current = config.to_json()
-    changed = [f"{k} {saved.get(k)!r} -> {current[k]!r}" for k in current
-               if k not in ignored and saved.get(k) != current[k]]
+    current, defaults = config.to_json(), TrainConfig().to_json()
+    saved = {**defaults, **saved}  # a setting newer than the checkpoint had its default
+    changed = [f"{k} {saved[k]!r} -> {current[k]!r}" for k in current
+               if k not in ignored and saved[k] != current[k]]
     if changed:
         print(f"note: resuming with settings that differ from the checkpoint's: "
               f"{', '.join(changed)}", flush=True)

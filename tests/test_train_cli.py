@@ -123,17 +123,41 @@ def test_resume_with_another_model_is_refused(mnist_run, capsys):
 
 def test_defaults_are_the_train_config_defaults():
     assert cli.parse_args([]) == training.TrainConfig()
+    assert cli.parse_command_line([]) == (training.TrainConfig(), cli.Distributed())
+    assert cli.Distributed() == (None, None, None, False)   # single process: nothing to start
 
 
 def test_options_reach_the_config():
     c = cli.parse_args(["--dataset", "fashion_mnist", "--data-dir", "/d", "--model", "small_cnn",
                         "--impl", "lax", "--epochs", "7", "--batch-size", "64", "--lr", "0.01",
                         "--optimizer", "momentum", "--seed", "3", "--out", "/o", "--resume",
-                        "--n-train", "100", "--n-test", "50"])
+                        "--n-train", "100", "--n-test", "50", "--devices", "2",
+                        "--dtype", "bfloat16"])
     assert c == training.TrainConfig(
         dataset="fashion_mnist", data_dir="/d", model="small_cnn", impl="lax", epochs=7,
         batch_size=64, lr=0.01, optimizer="momentum", seed=3, out="/o", resume=True,
-        n_train=100, n_test=50)
+        n_train=100, n_test=50, devices=2, dtype="bfloat16")
+
+
+def test_distributed_options_are_kept_apart_from_the_config():
+    config, dist = cli.parse_command_line(["--coordinator", "10.0.0.1:1234", "--num-processes",
+                                           "4", "--process-id", "3", "--epochs", "2"])
+    assert config == training.TrainConfig(epochs=2)
+    assert dist == cli.Distributed("10.0.0.1:1234", 4, 3, False)
+    assert cli.parse_command_line(["--distributed"])[1] == cli.Distributed(auto=True)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--coordinator", "nohost", "--num-processes", "2", "--process-id", "0"],
+     r"initialize: coordinator must be 'host:port' with a port in 1\.\.65535; got 'nohost'"),
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "5"],
+     r"initialize: process_id must lie in 0\.\.num_processes-1 \(0\.\.1\); got 5"),
+])
+def test_bad_distributed_settings_exit_1_before_anything_starts(argv, match, tmp_path, capsys):
+    assert cli.main([*argv, "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"^train\.py: error: " + match, err), err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -149,6 +173,9 @@ def test_options_reach_the_config():
     (["--lr", "-1"], r"TrainConfig: lr must be a finite number > 0; got -1.0"),
     (["--epochs", "two"], r"argument --epochs: invalid int value: 'two'"),
     (["--resume", "--eval-only"], r"argument --eval-only: not allowed with argument --resume"),
+    (["--dtype", "float16"], r"argument --dtype: invalid choice: 'float16'"),
+    (["--devices", "0"], r"TrainConfig: devices must be >= 1; got 0"),
+    (["--process-id", "x"], r"argument --process-id: invalid int value: 'x'"),
 ])
 def test_bad_arguments_exit_2_with_a_clear_message(argv, match, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -295,8 +295,17 @@ def test_resume_continues_a_finished_run_for_more_epochs(tmp_path, tiny, capsys)
     more = training.fit(config(tmp_path, epochs=2, resume=True, seed=5), dataset=tiny)
     out = capsys.readouterr().out
     assert "resuming at epoch 2" in out
-    assert "note: resuming with settings that differ from the checkpoint's: seed 0 -> 5" in out
+    assert "note: resuming with settings that differ from the checkpoint's: seed 0 -> 5\n" in out
     assert [r["epoch"] for r in more.history] == [1, 2]
+    # A checkpoint written before a setting existed: that setting had its default.
+    checkpoint = tmp_path / "run" / training.CHECKPOINT
+    params, opt_state, meta = training.load_checkpoint(checkpoint, more.params, more.opt_state)
+    del meta["config"]["dtype"], meta["config"]["devices"]
+    training.save_checkpoint(checkpoint, params, opt_state, meta)
+    training.fit(config(tmp_path, epochs=3, resume=True, seed=5, dtype="bfloat16"), dataset=tiny)
+    out = capsys.readouterr().out
+    assert ("note: resuming with settings that differ from the checkpoint's: dtype 'float32' "
+            "-> 'bfloat16'\n") in out
 
 
 def test_resume_or_eval_without_a_checkpoint(tmp_path, tiny):
