@@ -70,10 +70,11 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             raise TypeError(f"{fn}: {name} must be an int; got {type(value).__name__} {value!r}")
     if num_processes is not None and num_processes < 1:
         raise ValueError(f"{fn}: num_processes must be >= 1; got {num_processes}")
-    if process_id is not None and (process_id < 0 or (num_processes is not None
-                                                        and process_id >= num_processes)):
+    if process_id is not None and process_id < 0:
+        raise ValueError(f"{fn}: process_id must be >= 0; got {process_id}")
+    if process_id is not None and num_processes is not None and process_id >= num_processes:
         raise ValueError(f"{fn}: process_id must lie in 0..num_processes-1 "
-                         f"({0}..{(num_processes or 0) - 1}); got {process_id}")
+                         f"(0..{num_processes - 1}); got {process_id}")
     try:
         jax.distributed.initialize(coordinator, num_processes, process_id)
     except (ValueError, TypeError) as err:

@@ -136,12 +136,15 @@ def test_a_batch_that_the_devices_do_not_divide_is_refused(children):
 
 def test_two_processes_give_the_same_losses_as_one(children):
     results = children["results"]
-    ref = np.array(results["devices"]["runs"]["4"]["losses"])
+    four = np.array(results["devices"]["runs"]["4"]["losses"])
+    one = np.array(results["devices"]["runs"]["1"]["losses"])
     for pid in (0, 1):
         r = results[f"process{pid}"]
         assert r["initialized"] and r["process_count"] == 2 and r["process_index"] == pid, r
         assert r["device_count"] == 4 and r["local_device_count"] == 2, r
-        np.testing.assert_allclose(r["losses"], ref, rtol=1e-5, err_msg=f"process {pid}")
+        assert len(r["losses"]) == STEPS
+        np.testing.assert_allclose(r["losses"], four, rtol=1e-5, err_msg=f"process {pid}")
+        np.testing.assert_allclose(r["losses"], one, rtol=1e-5, err_msg=f"process {pid}")
         np.testing.assert_allclose(r["test_loss"], results["devices"]["runs"]["4"]["test_loss"],
                                    rtol=1e-5)
     # Both processes hold the same replicated params.
@@ -226,6 +229,7 @@ def test_initialize_does_nothing_without_settings(monkeypatch):
      r"initialize: process_id must lie in 0\.\.num_processes-1 \(0\.\.1\); got 2"),
     (dict(coordinator="h:1", num_processes="2", process_id=0), TypeError,
      r"initialize: num_processes must be an int; got str '2'"),
+    (dict(process_id=-1), ValueError, r"initialize: process_id must be >= 0; got -1"),
 ])
 def test_initialize_rejects_bad_settings_before_starting_anything(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -238,3 +242,12 @@ def test_fit_with_more_devices_than_there_are(tmp_path):
     with pytest.raises(ValueError, match=r"data_mesh: devices must lie in 1\.\.1"):
         training.fit(config)
     assert not (tmp_path / "r").exists()
+
+
+def test_initialize_after_jax_has_started_says_so():
+    jax.devices()  # this process has used JAX: too late to join a distributed run
+    with pytest.raises(RuntimeError, match=r"initialize: starting JAX's distributed runtime with "
+                                           r"coordinator 127\.0\.0\.1:1 failed: .*must be "
+                                           r"called before"):
+        parallel.initialize("127.0.0.1:1", 2, 0)
+    assert jax.process_count() == 1
