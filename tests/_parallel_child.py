@@ -96,6 +96,12 @@ def devices_mode(out_json, run_dir):
                    "test_accuracy": fit.history[-1]["test_accuracy"],
                    "summary_devices": fit.summary["devices"]}
     result["runs"] = seen
+    # The 4-device checkpoint, evaluated on 4 devices and on 2 (params read back and replicated).
+    result["eval_only"] = {}
+    for n in (4, 2):
+        config = cli.parse_args([*ARGS, "--devices", str(n), "--out", f"{run_dir}/devices4",
+                                 "--eval-only"])
+        result["eval_only"][n] = training.fit(config).summary
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         code = cli.main([*ARGS, "--batch-size", "30", "--out", f"{run_dir}/bad"])

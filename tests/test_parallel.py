@@ -120,6 +120,15 @@ def test_params_and_optimizer_state_stay_replicated(children):
         assert_replicated(runs[n]["final_params"], int(n), f"params after fit, {n} devices")
 
 
+def test_eval_only_on_any_number_of_devices_reports_the_training_runs_accuracy(children):
+    result = children["results"]["devices"]
+    trained = result["runs"]["4"]
+    for n in ("4", "2"):
+        summary = result["eval_only"][n]
+        assert summary["test_accuracy"] == trained["test_accuracy"], n
+        np.testing.assert_allclose(summary["test_loss"], trained["test_loss"], rtol=1e-5)
+
+
 def test_a_batch_that_the_devices_do_not_divide_is_refused(children):
     bad = children["results"]["devices"]["bad_batch"]
     assert bad["code"] == 1
