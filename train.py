@@ -9,7 +9,8 @@
 
 Every local device is used by default (data parallel, see jaxcnn.parallel). Many hosts: start
 the same command on each with --coordinator HOST:PORT --num-processes N --process-id I (or with
-$JAX_COORDINATOR_ADDRESS, or --distributed on a cluster that JAX recognises).
+$JAX_COORDINATOR_ADDRESS; under srun / mpirun with several tasks it starts by itself; on Cloud
+TPU pods and Kubernetes add --distributed).
 """
 
 from __future__ import annotations
@@ -90,7 +91,9 @@ def parse_command_line(argv=None) -> tuple[training.TrainConfig, Distributed]:
     dist.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1")
     dist.add_argument("--distributed", action="store_true",
                       help="start the distributed runtime and let JAX read the settings from "
-                           "the cluster (SLURM, Open MPI, Cloud TPU pods, Kubernetes)")
+                           "the cluster (Cloud TPU pods, Kubernetes; under srun or mpirun with "
+                           "several tasks, and with $JAX_COORDINATOR_ADDRESS, it starts without "
+                           "this flag)")
     args = vars(p.parse_args(argv))
     distributed = Distributed(args.pop("coordinator"), args.pop("num_processes"),
                               args.pop("process_id"), args.pop("distributed"))

@@ -27,6 +27,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXIS = "data"  # the one mesh axis: the batch dimension is split along it
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"  # read by jax.distributed.initialize itself
+# Launchers whose environment jax.distributed.initialize reads by itself: the variables JAX's
+# cluster detection requires (jax/_src/clusters), and the one that holds the process count.
+LAUNCHERS = {
+    "SLURM (srun)": (("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+                      "SLURM_LOCALID"), "SLURM_NTASKS"),
+    "Open MPI (mpirun)": (("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE"),
+                          "OMPI_COMM_WORLD_SIZE"),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -38,11 +46,12 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     """Start JAX's distributed runtime when the settings of a multi-process run are given.
 
     Nothing happens (and False is returned) unless one of ``coordinator``, ``num_processes``,
-    ``process_id`` is given, ``$JAX_COORDINATOR_ADDRESS`` is set, or ``auto`` is true; then
+    ``process_id`` is given, ``$JAX_COORDINATOR_ADDRESS`` is set, this process is one of
+    several that ``srun`` or ``mpirun`` started (:func:`launcher`), or ``auto`` is true (for
+    the clusters JAX detects without such variables: Cloud TPU pods, Kubernetes); then
     ``jax.distributed.initialize`` is called with the given values and fills in the others
-    itself: from ``$JAX_COORDINATOR_ADDRESS``, or on a cluster it recognises (SLURM, Open MPI,
-    Cloud TPU pods, Kubernetes) from the cluster's environment. Must run before anything else
-    uses JAX (the first device query fixes the set of devices).
+    itself, from ``$JAX_COORDINATOR_ADDRESS`` or the cluster's environment. Must run before
+    anything else uses JAX (the first device query fixes the set of devices).
 
     Returns:
       True when the distributed runtime was started.
@@ -55,7 +64,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     """
     fn = "initialize"
     given = coordinator is not None or num_processes is not None or process_id is not None
-    if not (given or auto or os.environ.get(COORDINATOR_ENV)):
+    if not (given or auto or os.environ.get(COORDINATOR_ENV) or launcher()):
         return False
     if coordinator is not None:
         if not isinstance(coordinator, str):
@@ -83,10 +92,23 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             f"{coordinator!r}, num_processes={num_processes!r}, process_id={process_id!r}, "
             f"${COORDINATOR_ENV}={os.environ.get(COORDINATOR_ENV)!r})") from err
     except Exception as err:  # noqa: BLE001 - JAX raises XlaRuntimeError / RuntimeError
-        where = coordinator or os.environ.get(COORDINATOR_ENV) or "(detected)"
+        where = coordinator or os.environ.get(COORDINATOR_ENV) or f"(from {launcher()})"
         raise RuntimeError(f"{fn}: starting JAX's distributed runtime with coordinator {where} "
                            f"failed: {err}") from err
     return True
+
+
+def launcher() -> str | None:
+    """The launcher (of :data:`LAUNCHERS`) that started this process as one of several, or
+    None: a single ``srun`` / ``mpirun`` task, or none at all, is an ordinary single run."""
+    for name, (required, count) in LAUNCHERS.items():
+        if all(var in os.environ for var in required):
+            try:
+                if int(os.environ[count]) > 1:
+                    return name
+            except ValueError:
+                continue
+    return None
 
 
 def is_main_process() -> bool:

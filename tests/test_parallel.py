@@ -219,9 +219,47 @@ def test_one_process_holds_every_row_and_the_data_lands_sharded():
     assert isinstance(back["w"], np.ndarray) and np.array_equal(back["w"], tree["w"])
 
 
-def test_initialize_does_nothing_without_settings(monkeypatch):
-    monkeypatch.delenv(parallel.COORDINATOR_ENV, raising=False)
+SRUN_4 = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node[01-02]", "SLURM_NTASKS": "4",
+          "SLURM_PROCID": "1", "SLURM_LOCALID": "1"}
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No distributed setting of any launcher in the environment."""
+    for var in [parallel.COORDINATOR_ENV, *(v for req, _ in parallel.LAUNCHERS.values()
+                                            for v in req)]:
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def test_initialize_does_nothing_without_settings(clean_env):
+    assert parallel.launcher() is None
     assert parallel.initialize() is False
+    for var in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"):
+        clean_env.setenv(var, SRUN_4[var])   # an sbatch script's shell: no job step
+    assert parallel.launcher() is None and parallel.initialize() is False
+    clean_env.setenv("SLURM_STEP_NODELIST", "node01")
+    clean_env.setenv("SLURM_NTASKS", "1")    # a one-task srun step is an ordinary single run
+    assert parallel.launcher() is None and parallel.initialize() is False
+    assert jax.process_count() == 1
+
+
+@pytest.mark.parametrize("env, name", [
+    (SRUN_4, "SLURM (srun)"),
+    ({"OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://10.96.0.1:34911", "OMPI_COMM_WORLD_SIZE": "2"},
+     "Open MPI (mpirun)"),
+    ({parallel.COORDINATOR_ENV: "10.0.0.1:1234"}, None),
+])
+def test_initialize_starts_for_the_environment_jax_reads(clean_env, env, name):
+    """One of several srun / mpirun tasks, or $JAX_COORDINATOR_ADDRESS: initialize calls
+    jax.distributed.initialize (here too late, in a process that already used JAX: its error
+    proves the call)."""
+    for var, value in env.items():
+        clean_env.setenv(var, value)
+    assert parallel.launcher() == name
+    with pytest.raises(RuntimeError, match=r"initialize: starting JAX's distributed runtime "
+                                           r"with coordinator .*must be called before"):
+        parallel.initialize()
     assert jax.process_count() == 1
 
 
