@@ -106,9 +106,17 @@ def parse_command_line(argv=None) -> tuple[training.TrainConfig, Distributed]:
 def main(argv=None) -> int:
     config, distributed = parse_command_line(argv)
     try:
+        if distributed.coordinator or distributed.process_id is not None:
+            where = distributed.coordinator or f"${parallel.COORDINATOR_ENV}"
+            print(f"train.py: process {distributed.process_id} of {distributed.num_processes}: "
+                  f"connecting to the coordinator at {where}, waiting for every process",
+                  file=sys.stderr, flush=True)
         parallel.initialize(distributed.coordinator, distributed.num_processes,
                             distributed.process_id, auto=distributed.auto)
         training.fit(config)
+    except training.Preempted as err:
+        print(f"train.py: {err}; continue with the same options and --resume", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as if the signal had ended the process
     except (ValueError, TypeError, RuntimeError, OSError, FloatingPointError) as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 1

@@ -42,7 +42,8 @@ LAUNCHERS = {
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, auto: bool = False) -> bool:
+               process_id: int | None = None, *, auto: bool = False,
+               timeout: int = 300) -> bool:
     """Start JAX's distributed runtime when the settings of a multi-process run are given.
 
     Nothing happens (and False is returned) unless one of ``coordinator``, ``num_processes``,
@@ -53,14 +54,19 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     itself, from ``$JAX_COORDINATOR_ADDRESS`` or the cluster's environment. Must run before
     anything else uses JAX (the first device query fixes the set of devices).
 
+    JAX then connects to the coordinator (process 0 starts it) and waits for every process, up
+    to ``timeout`` seconds; if they do not all arrive, JAX aborts the process (its message
+    names the coordinator). A multi-process run also turns on JAX's preemption service: a
+    SIGTERM to any process makes all of them stop together at the same step (see
+    :func:`preempted`).
+
     Returns:
       True when the distributed runtime was started.
 
     Raises:
       TypeError, ValueError: a malformed setting (naming it), or settings that JAX cannot
         complete (e.g. a coordinator without a process count outside a known cluster).
-      RuntimeError: JAX was already in use, or the coordinator could not be reached (JAX's
-        message, with the coordinator named).
+      RuntimeError: JAX was already in use in this process (JAX's message).
     """
     fn = "initialize"
     given = coordinator is not None or num_processes is not None or process_id is not None
@@ -85,7 +91,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         raise ValueError(f"{fn}: process_id must lie in 0..num_processes-1 "
                          f"(0..{num_processes - 1}); got {process_id}")
     try:
-        jax.distributed.initialize(coordinator, num_processes, process_id)
+        jax.distributed.initialize(coordinator, num_processes, process_id,
+                                   initialization_timeout=timeout)
     except (ValueError, TypeError) as err:
         raise ValueError(
             f"{fn}: the distributed settings are incomplete: {err} (given: coordinator="
@@ -116,6 +123,51 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+def gather(values) -> np.ndarray:
+    """Every process's ``values`` (a few ints < 2**31, the same count in each), stacked:
+    ``(processes, len(values))``. A collective: every process must call it at the same point.
+    With one process it returns ``[values]`` without communicating."""
+    row = np.asarray(values, np.int32).reshape(-1)
+    if jax.process_count() == 1:
+        return row[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(row)).reshape(jax.process_count(), -1)
+
+
+def agree(ok: bool, what: str) -> None:
+    """Tell every process whether ``what`` worked everywhere.
+
+    Called by every process (a collective) after something that can fail in some processes
+    only, such as process 0's file writes. Where it worked but failed elsewhere, raise
+    RuntimeError naming the failed processes (they raise their own errors), so that no process
+    goes on alone into a collective that would wait for ever for a process that stopped.
+    """
+    flags = gather([int(bool(ok))])[:, 0]
+    if ok and not flags.all():
+        bad = ", ".join(str(p) for p in np.flatnonzero(flags == 0))
+        raise RuntimeError(f"{what} failed in process {bad} (its own error says why); every "
+                           f"process stops")
+
+
+def preempted(step: int) -> bool:
+    """True at the step where every process of a multi-process run stops together after a
+    preemption notice (a SIGTERM to any of them, e.g. from the scheduler).
+
+    Call it in every process at every training step, with the same step numbers; JAX's
+    preemption service picks a step all processes still reach. Always False with one process
+    (there a SIGTERM ends the process as usual) or with JAX's preemption service switched off.
+    """
+    if jax.process_count() == 1:
+        return False
+    from jax.experimental import multihost_utils
+
+    try:
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+    except RuntimeError:  # the service is off (jax_enable_preemption_service=False)
+        return False
+
+
 # --------------------------------------------------------------------------------------------
 # The mesh and the two shardings.
 
@@ -123,35 +175,37 @@ def is_main_process() -> bool:
 def data_mesh(devices: int | None = None) -> Mesh:
     """A 1-D mesh, axis ``"data"``, over every device or the first ``devices`` of them.
 
-    With several processes, ``devices`` must be a multiple of the process count and the same
-    number of devices is taken from every process. Devices are ordered by process, so each
-    process's devices hold one contiguous block of rows of every batch (see
-    :func:`process_rows`).
+    With several processes the same number of devices is taken from every process: by default
+    as many as the process with the fewest has, and ``devices`` must be a multiple of the
+    process count. Devices are ordered by process, so each process's devices hold one
+    contiguous block of rows of every batch (see :func:`process_rows`).
 
     Raises:
       TypeError: ``devices`` is not an int or None.
-      ValueError: ``devices`` < 1, more than there are, or not a multiple of the process count.
+      ValueError: ``devices`` < 1, more than there are, not a multiple of the process count,
+        or more than some process has its share of.
     """
     fn = "data_mesh"
     everything = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-    n = len(everything) if devices is None else devices
+    processes = jax.process_count()
+    own = [[d for d in everything if d.process_index == p] for p in range(processes)]
+    fewest = min(len(o) for o in own)
+    n = fewest * processes if devices is None else devices
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"{fn}: devices must be an int or None; got {type(n).__name__} {n!r}")
     if not 1 <= n <= len(everything):
         raise ValueError(f"{fn}: devices must lie in 1..{len(everything)} (the devices JAX "
                          f"sees: {_describe(everything)}); got {n}")
-    processes = jax.process_count()
     if n % processes:
         raise ValueError(f"{fn}: devices ({n}) must be a multiple of the number of processes "
                          f"({processes}), so that every process holds the same share")
     per_process = n // processes
-    chosen = []
-    for p in range(processes):
-        own = [d for d in everything if d.process_index == p]
-        if len(own) < per_process:
-            raise ValueError(f"{fn}: devices ({n}) asks for {per_process} devices in each of "
-                             f"the {processes} processes, but process {p} has {len(own)}")
-        chosen += own[:per_process]
+    if per_process > fewest:
+        raise ValueError(
+            f"{fn}: devices ({n}) asks for {per_process} devices in each of the {processes} "
+            f"processes, but process {[len(o) for o in own].index(fewest)} has {fewest}; use "
+            f"at most {fewest * processes}")
+    chosen = [d for o in own for d in o[:per_process]]
     # Auto axis (the constructor's default): XLA propagates the shardings through the step.
     return Mesh(np.array(chosen), (AXIS,))
 

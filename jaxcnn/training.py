@@ -36,6 +36,7 @@ import platform
 import sys
 import time
 import zipfile
+import zlib
 from functools import partial
 from typing import Any, Callable
 
@@ -387,6 +388,11 @@ def _read_npz(fn, path: pathlib.Path):
 # The fit loop.
 
 
+class Preempted(Exception):
+    """A multi-process run stopped after a preemption notice (SIGTERM to one of its processes),
+    every process at the same step; the checkpoint of the last finished epoch is kept."""
+
+
 @dataclasses.dataclass(frozen=True)
 class FitResult:
     """What :func:`fit` returns: the final state and the per-epoch records."""
@@ -445,29 +451,37 @@ def fit(config: TrainConfig, *, dataset=None) -> FitResult:
         return _eval_only(config, ds, apply, params, opt_state, checkpoint, mesh)
     step, start_epoch, history = 0, 0, []
     if config.resume:
-        params, opt_state, meta = load_checkpoint(checkpoint, params, opt_state)
+        params, opt_state, meta = _load_everywhere(checkpoint, params, opt_state)
         step, start_epoch, history = meta["step"], meta["epoch"], meta["history"]
         if main:
             _note_config_changes(config, meta["config"])
     params, opt_state = parallel.replicate((params, opt_state), mesh)
-    if main:
+
+    def start():
         out.mkdir(parents=True, exist_ok=True)
         _io.atomic_write(out / METRICS, lambda f: f.write(_jsonl(history).encode()))
         print(_header(config, ds, params, start_epoch, mesh), flush=True)
+
+    _on_main_process(start, f"{fn}: creating {out / METRICS}")
     losses = []
     for epoch in range(start_epoch, config.epochs):
         params, opt_state, step, record, epoch_losses = _run_epoch(
             config, ds, apply, optimizer, params, opt_state, step, epoch, checkpoint, mesh)
         history.append(record)
         losses.append(epoch_losses)
-        if main:
+
+        def end_of_epoch():
             _append_line(out / METRICS, json.dumps(record))
             save_checkpoint(checkpoint, params, opt_state,
                             _checkpoint_meta(config, step, epoch + 1, history))
             print(_epoch_line(record, config.epochs), flush=True)
+
+        _on_main_process(end_of_epoch, f"{fn}: writing epoch {epoch + 1}'s metrics and "
+                                       f"checkpoint in {out}")
     summary = _summary(config, history, params, step, time.perf_counter() - started, mesh)
     final = history[-1] if history else {}
-    if main:
+
+    def finish():
         _io.atomic_write(out / SUMMARY,
                          lambda f: f.write(json.dumps(summary, indent=2).encode()))
         save_plots(out, history, parallel.host(params))
@@ -475,8 +489,56 @@ def fit(config: TrainConfig, *, dataset=None) -> FitResult:
             print(f"test accuracy {100 * final['test_accuracy']:.2f}% after "
                   f"{_plural(final['epoch'], 'epoch')} ({summary['wall_time_seconds']:.1f} s); "
                   f"results in {out}", flush=True)
+
+    _on_main_process(finish, f"{fn}: writing {out / SUMMARY}")
     return FitResult(params, opt_state, step, len(history), history, summary,
                      np.concatenate(losses) if losses else np.zeros(0))
+
+
+def _on_main_process(work: Callable[[], None], what: str) -> None:
+    """Run ``work`` (printing, writing files) in process 0 only; then every process learns
+    whether it worked (:func:`jaxcnn.parallel.agree`), so that when process 0 cannot write,
+    every process stops instead of the others waiting for it in the next epoch's all-reduce."""
+    error = None
+    if parallel.is_main_process():
+        try:
+            work()
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the others know
+            error = err
+    parallel.agree(error is None, what)
+    if error is not None:
+        raise error
+
+
+def _load_everywhere(checkpoint, params, opt_state):
+    """:func:`load_checkpoint` in every process, and make sure that every process read the
+    same checkpoint (epoch, step and a checksum of the params): on hosts that do not share
+    ``--out``, a copy that process 0 did not update would otherwise train different params
+    in lockstep with the others."""
+    fn = "fit"
+    error, mine = None, [0, 0, 0, 0]
+    try:
+        params, opt_state, meta = load_checkpoint(checkpoint, params, opt_state)
+        leaves = parallel.host(jax.tree_util.tree_leaves(params))
+        crc = zlib.crc32(b"".join(np.ascontiguousarray(a).tobytes() for a in leaves))
+        mine = [1, meta["epoch"], meta["step"], crc & 0x7FFFFFFF]
+    except (OSError, ValueError) as err:
+        error = err
+    table = parallel.gather(mine)
+    if error is not None:
+        raise error
+    unreadable = [p for p, row in enumerate(table) if not row[0]]
+    if unreadable:
+        raise ValueError(f"{fn}: process {', '.join(map(str, unreadable))} could not read its "
+                         f"checkpoint at {checkpoint} (its own error says why); every process "
+                         f"needs the same checkpoint: put --out on a file system all hosts see")
+    if (table != table[0]).any():
+        seen = "; ".join(f"process {p}: epoch {e}, step {s}, params checksum {c:08x}"
+                         for p, (_, e, s, c) in enumerate(table))
+        raise ValueError(f"{fn}: the processes read different checkpoints at {checkpoint} "
+                         f"({seen}); every process needs the same checkpoint: put --out on a "
+                         f"file system all hosts see")
+    return params, opt_state, meta
 
 
 def _load(config: TrainConfig):
@@ -564,6 +626,12 @@ def _train_epoch(config, ds, apply, optimizer, params, opt_state, step, epoch, c
                                                  optimizer=optimizer, impl=config.impl,
                                                  dtype=config.dtype)
             pending.append(loss)
+            if parallel.preempted(step + i + 1):
+                raise Preempted(
+                    f"fit: preempted at step {step + i + 1} (epoch {epoch + 1}, batch {i + 1} of "
+                    f"{n_batches}): a process received SIGTERM and every process stopped "
+                    f"there together; the last checkpoint, {checkpoint} (epoch {epoch}), is "
+                    f"left as it was")
             if len(pending) == SYNC_EVERY or i == n_batches - 1:
                 losses = np.asarray(parallel.host(pending), np.float64)
                 first = step + i + 2 - len(pending)  # the 1-based step of pending[0]
@@ -594,7 +662,7 @@ def _check_finite(losses, first_step, config, epoch, n_batches, checkpoint):
 
 def _eval_only(config, ds, apply, params, opt_state, checkpoint, mesh) -> FitResult:
     """Evaluate the checkpoint in ``config.out`` on the test set and print the result."""
-    params, opt_state, meta = load_checkpoint(checkpoint, params, opt_state)
+    params, opt_state, meta = _load_everywhere(checkpoint, params, opt_state)
     params = parallel.replicate(params, mesh)
     test = evaluate(params, ds.test_x, ds.test_y, apply=apply, impl=config.impl,
                     dtype=config.dtype, mesh=mesh)
@@ -610,7 +678,7 @@ def _eval_only(config, ds, apply, params, opt_state, checkpoint, mesh) -> FitRes
 def _note_config_changes(config: TrainConfig, saved: dict):
     """Say which settings differ from the checkpoint's (a changed seed, batch size or learning
     rate makes the resumed run differ from an uninterrupted one)."""
-    ignored = {"epochs", "resume", "eval_only", "out"}
+    ignored = {"epochs", "resume", "eval_only", "out", "devices"}  # devices: rounding only
     current, defaults = config.to_json(), TrainConfig().to_json()
     saved = {**defaults, **saved}  # a setting newer than the checkpoint had its default
     changed = [f"{k} {saved[k]!r} -> {current[k]!r}" for k in current

@@ -156,7 +156,7 @@ def test_distributed_options_are_kept_apart_from_the_config():
 def test_bad_distributed_settings_exit_1_before_anything_starts(argv, match, tmp_path, capsys):
     assert cli.main([*argv, "--out", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err
-    assert re.search(r"^train\.py: error: " + match, err), err
+    assert re.search(r"^train\.py: error: " + match, err, re.M), err
     assert "Traceback" not in err and not (tmp_path / "run").exists()
 
 
