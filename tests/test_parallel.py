@@ -12,9 +12,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -182,6 +185,106 @@ def test_only_process_zero_prints_and_writes(children):
     assert "4 cpu devices in 2 processes" in children["outputs"]["process0"]
     assert "epoch 1/1" not in children["outputs"]["process1"]
     assert "training:" not in children["outputs"]["process1"]
+
+
+# --------------------------------------------------------------------------------------------
+# Two processes that must stop together: a failure in one of them, a SIGTERM.
+
+TRAIN = ROOT / "train.py"
+SMALL_RUN = ["--n-train", "640", "--n-test", "50", "--batch-size", str(BATCH)]
+
+
+def start_pair(tmp, name, args_of):
+    """Start the two processes of a distributed ``train.py`` run; ``args_of(pid)`` gives each
+    its own arguments. Their output goes to ``tmp / f"{name}{pid}.txt"``."""
+    coordinator = f"127.0.0.1:{free_port()}"
+    procs = []
+    for pid in (0, 1):
+        log = open(tmp / f"{name}{pid}.txt", "w")
+        procs.append(subprocess.Popen(
+            [sys.executable, str(TRAIN), *args_of(pid), "--coordinator", coordinator,
+             "--num-processes", "2", "--process-id", str(pid)],
+            stdout=log, stderr=subprocess.STDOUT, env=child_env(2), cwd=tmp))
+        log.close()
+    return procs
+
+
+def wait_pair(tmp, name, procs):
+    """Exit codes and outputs of a pair; a pair that hangs fails the test (and is killed)."""
+    codes = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout=CHILD_TIMEOUT))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail(f"{name}: the processes did not stop within {CHILD_TIMEOUT} s")
+    return codes, [(tmp / f"{name}{pid}.txt").read_text() for pid in (0, 1)]
+
+
+@pytest.fixture(scope="session")
+def stops(children):
+    """Three two-process runs at once: process 0 cannot write its checkpoint; the two processes
+    find different checkpoints in --out; process 1 gets SIGTERM after the first epoch."""
+    tmp = children["dir"]
+    unwritable = tmp / "unwritable"
+    (unwritable / training.CHECKPOINT).mkdir(parents=True)  # a directory where the file goes
+    stale = tmp / "stale"  # the 1-device run's checkpoint: same epoch and step, other params
+    stale.mkdir()
+    (stale / training.CHECKPOINT).write_bytes(
+        (tmp / "runs" / "devices1" / training.CHECKPOINT).read_bytes())
+    preempt = tmp / "preempt"
+    pairs = {
+        "unwritable": start_pair(tmp, "unwritable", lambda pid: [
+            *SMALL_RUN, "--epochs", "2", "--out", str(unwritable)]),
+        "stale": start_pair(tmp, "stale", lambda pid: [
+            *SMALL_RUN, "--eval-only", "--out", str(tmp / "distributed" if pid == 0 else stale)]),
+        "preempt": start_pair(tmp, "preempt", lambda pid: [
+            *SMALL_RUN, "--epochs", "50", "--out", str(preempt)]),
+    }
+    metrics = preempt / training.METRICS
+    for _ in range(CHILD_TIMEOUT * 10):  # SIGTERM to process 1 once epoch 1 is on disk
+        if metrics.exists() and metrics.read_text().strip():
+            break
+        time.sleep(0.1)
+    pairs["preempt"][1].send_signal(signal.SIGTERM)
+    return {"dir": tmp, **{name: wait_pair(tmp, name, procs) for name, procs in pairs.items()}}
+
+
+def test_when_process_zero_cannot_write_every_process_stops(stops):
+    (code0, code1), (out0, out1) = stops["unwritable"]
+    assert (code0, code1) == (1, 1), (out0, out1)
+    assert re.search(r"train\.py: error: \[Errno 21\] Is a directory", out0), out0
+    assert ("train.py: error: fit: writing epoch 1's metrics and checkpoint in "
+            in out1 and "failed in process 0 (its own error says why); every process stops"
+            in out1), out1
+
+
+def test_processes_that_read_different_checkpoints_refuse_to_go_on(stops):
+    for code, out in zip(*stops["stale"]):
+        assert code == 1, out
+        assert re.search(r"train\.py: error: fit: the processes read different checkpoints at "
+                         r".*process 0: epoch 1, step 20, params checksum [0-9a-f]{8}; process "
+                         r"1: epoch 1, step 20, params checksum [0-9a-f]{8}\); every process "
+                         r"needs the same checkpoint", out), out
+
+
+def test_a_sigterm_stops_every_process_at_the_same_step(stops):
+    codes, outs = stops["preempt"]
+    assert codes == [143, 143], outs
+    steps = [re.search(r"train\.py: fit: preempted at step (\d+) \(epoch (\d+)", out)
+             for out in outs]
+    assert all(steps), outs
+    assert steps[0].groups() == steps[1].groups()          # the same step in both
+    epoch = int(steps[0].group(2))
+    assert 1 < epoch < 50                                  # it stopped early, after epoch 1
+    assert "continue with the same options and --resume" in outs[0]
+    # The epochs before the stop are on disk, written once; the checkpoint is the last of them.
+    preempt = stops["dir"] / "preempt"
+    records = [json.loads(line) for line in (preempt / training.METRICS).read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, epoch))
+    with np.load(preempt / training.CHECKPOINT) as f:
+        assert json.loads(str(f["__meta__"]))["epoch"] == epoch - 1
 
 
 # --------------------------------------------------------------------------------------------
