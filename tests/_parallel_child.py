@@ -17,7 +17,6 @@ Each writes one JSON file that the parent reads and asserts on.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import pathlib
@@ -26,20 +25,13 @@ import sys
 import jax
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from conftest import ROOT, load_cli  # this script's folder, tests/, is on sys.path
 
 # The run both modes train: 20 steps of batch 32 (5 epochs' worth would be slower; 1 epoch of
 # 640 examples is exactly 20 steps), 50 test examples (not a multiple of 4: padded and masked).
 N_TRAIN, N_TEST, BATCH, STEPS = 640, 50, 32, 20
 ARGS = ["--n-train", str(N_TRAIN), "--n-test", str(N_TEST), "--batch-size", str(BATCH),
         "--epochs", "1"]
-
-
-def load_cli():
-    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def sharding_of(a) -> dict:

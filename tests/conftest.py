@@ -6,6 +6,8 @@ Tolerances come from the one table in :mod:`jaxcnn.check` (reasons in the README
 from __future__ import annotations
 
 import gzip
+import importlib.util
+import pathlib
 import socket
 
 import jax
@@ -14,6 +16,8 @@ import pytest
 from hypothesis import settings
 
 from jaxcnn.check import TOLERANCES
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Deterministic, bounded property tests: the same examples on every run and every machine.
 settings.register_profile("jaxcnn", derandomize=True, deadline=None, max_examples=12,
@@ -48,12 +52,24 @@ TYPE_CODES = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C,
               np.float32: 0x0D, np.float64: 0x0E}
 
 
-def closed_port_url() -> str:
-    """A base URL on 127.0.0.1 where nothing listens (connections are refused)."""
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
+        return s.getsockname()[1]
+
+
+def closed_port_url() -> str:
+    """A base URL on 127.0.0.1 where nothing listens (connections are refused)."""
+    return f"http://127.0.0.1:{free_port()}/"
+
+
+def load_cli():
+    """``train.py`` (at the repository root, not a package module) as a module object."""
+    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,9 +23,8 @@ import pytest
 
 from jaxcnn import parallel, training
 
-from conftest import closed_port_url
+from conftest import ROOT, closed_port_url, free_port
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHILD = ROOT / "tests" / "_parallel_child.py"
 STEPS, BATCH = 20, 32  # the children's run: tests/_parallel_child.py
 CHILD_TIMEOUT = 600  # seconds; a hung distributed run fails the test instead of the session
@@ -41,12 +38,6 @@ def child_env(devices: int) -> dict:
     env["JAXCNN_MIRRORS"] = closed_port_url()  # nothing may be downloaded
     env.pop(parallel.COORDINATOR_ENV, None)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def finish(proc, name):

@@ -9,7 +9,6 @@ import gzip
 import importlib.util
 import json
 import os
-import pathlib
 import re
 import subprocess
 import sys
@@ -19,21 +18,13 @@ import pytest
 
 from jaxcnn import training
 
-from conftest import closed_port_url, write_idx
+from conftest import ROOT, closed_port_url, load_cli, write_idx
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 IDX = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
        "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
 N_TRAIN, N_TEST = 256, 100
 # Tiny settings shared with tests/test_training.py (same compiled step and evaluation).
 TINY = ["--epochs", "1", "--batch-size", "32", "--lr", "0.002", "--impl", "lax"]
-
-
-def load_cli():
-    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 cli = load_cli()
