@@ -77,10 +77,15 @@ def overlap_add(contribs, spatial: Sequence[int], cfg: WindowConfig):
     ``m`` at output ``i`` read padded position ``p = i * s + m * d``; in unpadded coordinates
     that is ``p - lo``. Each contribution is dilated by ``s - 1`` zeros, shifted to start at
     ``m * d - lo`` and padded (or cropped) to the input size ``n``; the results are summed, so
-    positions shared by overlapping windows receive the sum of their contributions.
+    positions shared by overlapping windows receive the sum of their contributions. Half
+    precision (float16 / bfloat16) is summed in float32 and rounded once, to the contributions'
+    dtype.
     """
+    dtype = contribs[0].dtype
+    acc = accum_dtype(dtype)
     total = None
     for m, c in zip(offsets(cfg), contribs):
+        c = c.astype(acc)
         pads = []
         for mi, di, (lo, _), n, o, s in zip(m, cfg.dilation, cfg.padding, spatial,
                                              c.shape[1:-1], cfg.stride):
@@ -90,7 +95,7 @@ def overlap_add(contribs, spatial: Sequence[int], cfg: WindowConfig):
         total = placed if total is None else total + placed
     # Materialize the sum, so that XLA does not fuse the T-term chain into each of its
     # consumers and recompute it there.
-    return lax.optimization_barrier(total)
+    return lax.optimization_barrier(total.astype(dtype))
 
 
 def out_shape(x_shape, cfg: WindowConfig):

@@ -179,12 +179,8 @@ def _max_pool_bwd(cfg: WindowConfig, x, dz):
         mask = _windows.expand(idx, nd) == _windows.tap_grid(cfg)
         return (_windows.spread(jnp.where(mask, _windows.expand(dz, nd), zero),
                                 x.shape[1:-1], cfg),)
-    # Overlapping windows: an element can win several, so the sum runs in float32 for half
-    # precision and is rounded once.
-    d = dz.astype(_windows.accum_dtype(dz.dtype))
-    zero = jnp.zeros((), d.dtype)
-    contribs = [jnp.where(idx == t, d, zero) for t in range(len(_windows.offsets(cfg)))]
-    return (_windows.overlap_add(contribs, x.shape[1:-1], cfg).astype(dz.dtype),)
+    contribs = [jnp.where(idx == t, dz, zero) for t in range(len(_windows.offsets(cfg)))]
+    return (_windows.overlap_add(contribs, x.shape[1:-1], cfg),)
 
 
 _max_pool_manual.defvjp(_max_pool_fwd, _max_pool_bwd)
@@ -226,7 +222,8 @@ def _avg_pool_bwd(cfg: WindowConfig, count_include_pad: bool, x, dz):
         share = share.astype(dz.dtype)
         every = jnp.broadcast_to(_windows.expand(share, nd), _windows.windowed_shape(share.shape, cfg))
         return (_windows.spread(every, x.shape[1:-1], cfg),)
-    # Overlapping windows sum several shares: in float32 for half precision, rounded once.
+    # Overlapping windows: the shares stay in float32 for half precision (overlap_add sums in
+    # float32 anyway), so each element is rounded once.
     contribs = [share] * len(_windows.offsets(cfg))
     return (_windows.overlap_add(contribs, x.shape[1:-1], cfg).astype(dz.dtype),)
 
