@@ -5,9 +5,11 @@ Every op takes ``impl="lax"`` (lax primitives, JAX's autodiff: the reference) or
 """
 
 from . import models, nn
-from .conv import conv
-from .dense import cross_entropy, dense, flatten, log_softmax, relu
-from .pool import avg_pool, max_pool
+from .convolution import conv
+from .activations import log_softmax, relu
+from .linear import dense, flatten
+from .losses import cross_entropy
+from .pooling import avg_pool, max_pool
 
 __version__ = "0.1.0"
 

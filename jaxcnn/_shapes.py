@@ -69,9 +69,7 @@ def _fmt_shape(shape) -> str:
 def check_impl(fn: str, impl) -> str:
     if not isinstance(impl, str):
         raise TypeError(f"{fn}: impl must be a string, one of {IMPLS}; got {impl!r}")
-    if impl not in IMPLS:
-        raise ValueError(f"{fn}: impl must be one of {IMPLS}; got {impl!r}")
-    return impl
+    return check_choice(fn, "impl", impl, IMPLS)
 
 
 def check_array(fn: str, name: str, a, *, floating: bool = True):
@@ -92,8 +90,39 @@ def check_array(fn: str, name: str, a, *, floating: bool = True):
     return tuple(shape)
 
 
+def is_int(v) -> bool:
+    """True for Python and numpy integers, False for bools (a bool is never a count)."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def check_int(fn: str, name: str, value, *, minimum: int | None = None) -> int:
+    """``value`` as an int, or ``TypeError`` / ``ValueError`` naming ``fn`` and ``name``.
+
+    The one integer check of the project (counts, sizes, seeds, epochs, channels, classes).
+    """
+    if not is_int(value):
+        raise TypeError(f"{fn}: {name} must be an int; got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{fn}: {name} must be >= {minimum}; got {value}")
+    return int(value)
+
+
+def check_choice(fn: str, name: str, value, choices):
+    """``value`` if it is one of ``choices``, else ``ValueError`` listing them."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{fn}: {name} must be one of {tuple(choices)}; got {value!r}")
+    return value
+
+
+def check_bool(fn: str, name: str, value) -> bool:
+    """``value`` as a bool (Python or numpy), else ``TypeError``."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{fn}: {name} must be a bool; got {value!r}")
+    return bool(value)
+
+
 def _as_int(fn: str, name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+    if not is_int(v):
         raise TypeError(f"{fn}: {name} must be an int or a tuple of ints; got {v!r}")
     return int(operator.index(v))
 
@@ -136,7 +165,7 @@ def resolve_padding(fn: str, padding, spatial: Sequence[int], eff_window: Sequen
             f"{fn}: padding must be 'VALID', 'SAME', an int or {ndim} (low, high) pairs; "
             f"got {padding!r}"
         )
-    if isinstance(padding, (int, np.integer)) and not isinstance(padding, bool):
+    if is_int(padding):
         p = int(padding)
         if p < 0:
             raise ValueError(f"{fn}: padding must be >= 0; got {padding!r}")
@@ -204,11 +233,7 @@ def conv_config(x_shape, k_shape, b_shape, *, stride, padding, dilation, groups,
             f"the kernel has; got x shape {_fmt_shape(x_shape)} (rank {len(x_shape)}) and "
             f"kernel shape {_fmt_shape(k_shape)}"
         )
-    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)):
-        raise TypeError(f"{fn}: groups must be an int; got {groups!r}")
-    groups = int(groups)
-    if groups < 1:
-        raise ValueError(f"{fn}: groups must be >= 1; got {groups}")
+    groups = check_int(fn, "groups", groups, minimum=1)
     c_in, k_in, c_out = x_shape[-1], k_shape[-2], k_shape[-1]
     if c_in % groups:
         raise ValueError(
@@ -247,7 +272,7 @@ def pool_config(x_shape, window, *, stride, padding, fn: str) -> WindowConfig:
     """Validate a pooling op's arguments. ``stride=None`` means stride = window."""
     if isinstance(window, (list, tuple)):
         nd = len(window)
-    elif isinstance(window, (int, np.integer)) and not isinstance(window, bool):
+    elif is_int(window):
         nd = len(x_shape) - 2
     else:
         raise TypeError(f"{fn}: window must be an int or a tuple of ints; got {window!r}")

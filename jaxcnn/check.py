@@ -38,11 +38,12 @@ import jaxlib
 import numpy as np
 
 from . import _io, _shapes
-from .conv import _conv_manual_forward, conv
-from .dense import (_cross_entropy_manual_forward, _dense_manual_forward,
-                    _flatten_manual_forward, _log_softmax_manual_forward, _relu_manual_forward,
-                    cross_entropy, dense, flatten, log_softmax, relu)
-from .pool import _avg_pool_manual_forward, _max_pool_manual_forward, avg_pool, max_pool
+from .activations import (_log_softmax_manual_forward, _relu_manual_forward, log_softmax,
+                          relu)
+from .convolution import _conv_manual_forward, conv
+from .linear import _dense_manual_forward, _flatten_manual_forward, dense, flatten
+from .losses import _cross_entropy_manual_forward, cross_entropy
+from .pooling import _avg_pool_manual_forward, _max_pool_manual_forward, avg_pool, max_pool
 
 # One table of tolerances per dtype: (rtol, atol) for comparing two computations of the same
 # quantity. The reasons are written down in the README ("Tolerances").

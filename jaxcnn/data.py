@@ -24,7 +24,6 @@ import functools
 import gzip
 import hashlib
 import http.client
-import numbers
 import os
 import pathlib
 import sys
@@ -35,7 +34,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from . import _io
+from . import _io, _shapes
 
 DATASETS = ("synthetic", "mnist", "fashion_mnist")
 
@@ -131,21 +130,14 @@ def load_dataset(
     """
     if name not in DATASETS:
         raise ValueError(f"load_dataset: name must be one of {DATASETS}; got {name!r}")
-    n_train = _check_count("load_dataset", "n_train", n_train)
-    n_test = _check_count("load_dataset", "n_test", n_test)
-    seed = _check_count("load_dataset", "seed", seed, minimum=0)
+    n_train = _shapes.check_int("load_dataset", "n_train", n_train, minimum=1)
+    n_test = _shapes.check_int("load_dataset", "n_test", n_test, minimum=1)
+    seed = _shapes.check_int("load_dataset", "seed", seed, minimum=0)
     if name == "synthetic":
         return _load_synthetic(seed, n_train, n_test)
     return _load_idx_dataset(name, data_dir, download, n_train, n_test)
 
 
-def _check_count(fn, arg, value, minimum=1):
-    """Return `value` as an int, raising unless it is an integer >= `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{fn}: {arg} must be an int; got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{fn}: {arg} must be >= {minimum}; got {value}")
-    return int(value)
 
 
 def _to_float_images(images: np.ndarray) -> np.ndarray:
@@ -193,8 +185,8 @@ def synthetic_digits(n: int, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
     Returns:
       images `(n, 28, 28)` uint8, labels `(n,)` int32 in 0..9.
     """
-    n = _check_count("synthetic_digits", "n", n, minimum=0)
-    seed = _check_count("synthetic_digits", "seed", seed, minimum=0)
+    n = _shapes.check_int("synthetic_digits", "n", n, minimum=0)
+    seed = _shapes.check_int("synthetic_digits", "seed", seed, minimum=0)
     rng = np.random.default_rng(seed)
     font = _font()
     labels = rng.permutation(np.arange(n) % NUM_CLASSES).astype(np.int32)
@@ -1005,20 +997,20 @@ def batch_indices(n: int, batch_size: int, *, seed: int = 0, epoch: int = 0,
     """The example indices of the batches of :func:`batches` (the same order and rules), as
     int arrays: to load only part of each batch, e.g. the rows one process of a multi-host run
     feeds to its devices (``x[idx[rows]]``)."""
-    n = _check_count("batch_indices", "n", n, minimum=0)
+    n = _shapes.check_int("batch_indices", "n", n, minimum=0)
     return _batch_indices("batch_indices", n, batch_size, seed=seed, epoch=epoch,
                           shuffle=shuffle, drop_last=drop_last)
 
 
 def _batch_indices(fn, n, batch_size, *, seed, epoch, shuffle, drop_last):
-    batch_size = _check_count(fn, "batch_size", batch_size)
+    batch_size = _shapes.check_int(fn, "batch_size", batch_size, minimum=1)
     if drop_last and batch_size > n:
         raise ValueError(
             f"{fn}: batch_size ({batch_size}) must be <= the number of examples ({n}) when "
             f"drop_last=True, or no batch would be produced"
         )
-    seed = _check_count(fn, "seed", seed, minimum=0)
-    epoch = _check_count(fn, "epoch", epoch, minimum=0)
+    seed = _shapes.check_int(fn, "seed", seed, minimum=0)
+    epoch = _shapes.check_int(fn, "epoch", epoch, minimum=0)
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     count = num_batches(n, batch_size, drop_last=drop_last)
     return _slices(order, batch_size, count)
@@ -1032,6 +1024,6 @@ def _slices(order, batch_size, count):
 
 def num_batches(n: int, batch_size: int, *, drop_last: bool = True) -> int:
     """Number of batches `batches` yields for n examples: floor(n / b), or ceil with a partial."""
-    n = _check_count("num_batches", "n", n, minimum=0)
-    batch_size = _check_count("num_batches", "batch_size", batch_size)
+    n = _shapes.check_int("num_batches", "n", n, minimum=0)
+    batch_size = _shapes.check_int("num_batches", "batch_size", batch_size, minimum=1)
     return n // batch_size if drop_last else -(-n // batch_size)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 
+from . import _shapes
 from .nn import Conv, Dense, Flatten, MaxPool, Relu, serial
 
 INPUT_SHAPE = (28, 28, 1)
@@ -23,7 +24,7 @@ def lenet5(num_classes=10):
     dense 120 → relu → dense 84 → relu → dense num_classes``; the feature maps go
     28×28×6 → 14×14×6 → 10×10×16 → 5×5×16 = 400 features. 61,706 parameters for 10 classes.
     """
-    return _lenet5(_check_classes("lenet5", num_classes))
+    return _lenet5(_shapes.check_int("lenet5", "num_classes", num_classes, minimum=2))
 
 
 @functools.cache
@@ -45,7 +46,7 @@ def small_cnn(num_classes=10):
     flatten → dense 256 → relu → dense num_classes``; the feature maps go 28×28×32 → 14×14×32
     → 14×14×64 → 7×7×64 = 3136 features. 870,634 parameters for 10 classes.
     """
-    return _small_cnn(_check_classes("small_cnn", num_classes))
+    return _small_cnn(_shapes.check_int("small_cnn", "num_classes", num_classes, minimum=2))
 
 
 @functools.cache
@@ -64,12 +65,3 @@ def _small_cnn(num_classes):
 MODELS = {"lenet5": lenet5, "small_cnn": small_cnn}
 """Model name -> constructor ``(num_classes=10) -> (init, apply)``."""
 
-
-def _check_classes(fn, num_classes) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
-        raise TypeError(
-            f"{fn}: num_classes must be an int; got {type(num_classes).__name__} {num_classes!r}"
-        )
-    if num_classes < 2:
-        raise ValueError(f"{fn}: num_classes must be >= 2; got {num_classes}")
-    return num_classes

@@ -42,9 +42,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _shapes
-from .conv import conv
-from .dense import dense, flatten, relu
-from .pool import avg_pool, max_pool
+from .activations import relu
+from .convolution import conv
+from .linear import dense, flatten
+from .pooling import avg_pool, max_pool
 
 INITS = ("he", "lecun")
 _GAINS = {"he": 2.0, "lecun": 1.0}
@@ -76,11 +77,11 @@ def Conv(out_channels, window, *, stride=1, padding="VALID", dilation=1, groups=
     Params: ``{"kernel": (*window, C_in // groups, out_channels), "bias": (out_channels,)}``.
     """
     fn = "Conv"
-    out_channels = _positive_int(fn, "out_channels", out_channels)
+    out_channels = _shapes.check_int(fn, "out_channels", out_channels, minimum=1)
     window = _int_or_ints(fn, "window", window)
     _int_or_ints(fn, "stride", stride)
     _int_or_ints(fn, "dilation", dilation)
-    groups = _positive_int(fn, "groups", groups)
+    groups = _shapes.check_int(fn, "groups", groups, minimum=1)
     _check_padding(fn, padding)
     _check_init(fn, init)
     if out_channels % groups:
@@ -122,7 +123,7 @@ def Dense(out_features, *, init=None):
     Params: ``{"w": (D_in, out_features), "b": (out_features,)}``.
     """
     fn = "Dense"
-    out_features = _positive_int(fn, "out_features", out_features)
+    out_features = _shapes.check_int(fn, "out_features", out_features, minimum=1)
     _check_init(fn, init)
 
     def init_fn(key, input_shape, *, before_relu=False):
@@ -162,8 +163,7 @@ def AvgPool(window, *, stride=None, padding="VALID", count_include_pad=True):
     if stride is not None:
         _int_or_ints(fn, "stride", stride)
     _check_padding(fn, padding)
-    if not isinstance(count_include_pad, (bool, np.bool_)):
-        raise TypeError(f"{fn}: count_include_pad must be a bool; got {count_include_pad!r}")
+    _shapes.check_bool(fn, "count_include_pad", count_include_pad)
     return _parameterless(fn, lambda x, impl: avg_pool(
         x, window, stride=stride, padding=padding, count_include_pad=count_include_pad,
         impl=impl))
@@ -318,12 +318,6 @@ def _check_input_shape(fn, input_shape, *, min_rank=3) -> tuple[int, ...]:
     return shape
 
 
-def _positive_int(fn, name, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{fn}: {name} must be an int; got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{fn}: {name} must be >= 1; got {value}")
-    return int(value)
 
 
 def _int_or_ints(fn, name, value) -> tuple[int, ...]:
@@ -355,5 +349,5 @@ def _check_padding(fn, padding):
 
 
 def _check_init(fn, init):
-    if init is not None and init not in INITS:
-        raise ValueError(f"{fn}: init must be one of {INITS} or None (automatic); got {init!r}")
+    if init is not None:
+        _shapes.check_choice(fn, "init", init, INITS)

@@ -25,6 +25,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from . import _shapes
+
 AXIS = "data"  # the one mesh axis: the batch dimension is split along it
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"  # read by jax.distributed.initialize itself
 # Launchers whose environment jax.distributed.initialize reads by itself: the variables JAX's
@@ -80,11 +82,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"{fn}: coordinator must be 'host:port' with a port in 1..65535; "
                              f"got {coordinator!r}")
-    for name, value in (("num_processes", num_processes), ("process_id", process_id)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise TypeError(f"{fn}: {name} must be an int; got {type(value).__name__} {value!r}")
-    if num_processes is not None and num_processes < 1:
-        raise ValueError(f"{fn}: num_processes must be >= 1; got {num_processes}")
+    if num_processes is not None:
+        _shapes.check_int(fn, "num_processes", num_processes, minimum=1)
+    if process_id is not None:
+        _shapes.check_int(fn, "process_id", process_id)
     if process_id is not None and process_id < 0:
         raise ValueError(f"{fn}: process_id must be >= 0; got {process_id}")
     if process_id is not None and num_processes is not None and process_id >= num_processes:

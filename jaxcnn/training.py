@@ -45,9 +45,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import __version__, _io, data, parallel
+from . import __version__, _io, _shapes, data, parallel
 from ._shapes import IMPLS
-from .dense import cross_entropy, log_softmax
+from .activations import log_softmax
+from .losses import cross_entropy
 from .models import MODELS
 from .nn import count_params
 
@@ -113,17 +114,17 @@ class TrainConfig:
 
     def __post_init__(self):
         fn = "TrainConfig"
-        _check_choice(fn, "dataset", self.dataset, data.DATASETS)
-        _check_choice(fn, "model", self.model, tuple(MODELS))
-        _check_choice(fn, "impl", self.impl, IMPLS)
-        _check_choice(fn, "optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice(fn, "dtype", self.dtype, DTYPES)
-        _check_int(fn, "epochs", self.epochs, minimum=1)
-        _check_int(fn, "batch_size", self.batch_size, minimum=1)
-        _check_int(fn, "seed", self.seed, minimum=0)
+        _shapes.check_choice(fn, "dataset", self.dataset, data.DATASETS)
+        _shapes.check_choice(fn, "model", self.model, tuple(MODELS))
+        _shapes.check_choice(fn, "impl", self.impl, IMPLS)
+        _shapes.check_choice(fn, "optimizer", self.optimizer, OPTIMIZERS)
+        _shapes.check_choice(fn, "dtype", self.dtype, DTYPES)
+        _shapes.check_int(fn, "epochs", self.epochs, minimum=1)
+        _shapes.check_int(fn, "batch_size", self.batch_size, minimum=1)
+        _shapes.check_int(fn, "seed", self.seed, minimum=0)
         for name in ("n_train", "n_test", "devices"):
             if getattr(self, name) is not None:
-                _check_int(fn, name, getattr(self, name), minimum=1)
+                _shapes.check_int(fn, name, getattr(self, name), minimum=1)
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)):
             raise TypeError(f"{fn}: lr must be a number; got {type(self.lr).__name__} {self.lr!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -147,18 +148,6 @@ class TrainConfig:
                 for k, v in dataclasses.asdict(self).items()}
 
 
-def _check_choice(fn, name, value, choices):
-    if value not in choices:
-        raise ValueError(f"{fn}: {name} must be one of {choices}; got {value!r}")
-
-
-def _check_int(fn, name, value, *, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{fn}: {name} must be an int; got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{fn}: {name} must be >= {minimum}; got {value}")
-
-
 @functools.cache
 def make_optimizer(name: str, lr: float, decay_steps: int | None = None
                    ) -> optax.GradientTransformation:
@@ -171,11 +160,11 @@ def make_optimizer(name: str, lr: float, decay_steps: int | None = None
     takes the optimizer as a static argument) compiles once per process.
     """
     fn = "make_optimizer"
-    _check_choice(fn, "name", name, OPTIMIZERS)
+    _shapes.check_choice(fn, "name", name, OPTIMIZERS)
     if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0):
         raise ValueError(f"{fn}: lr must be a number > 0; got {lr!r}")
     if decay_steps is not None:
-        _check_int(fn, "decay_steps", decay_steps, minimum=1)
+        _shapes.check_int(fn, "decay_steps", decay_steps, minimum=1)
         lr = optax.cosine_decay_schedule(lr, decay_steps)
     if name == "adam":
         return optax.adam(lr)

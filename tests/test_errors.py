@@ -27,7 +27,7 @@ CASES = [
                        groups=2, impl=i), ValueError,
      r"conv: groups \(2\) must divide the kernel out-channels \(kernel.shape\[-1\]=3\)"),
     (lambda i: jc.conv(X, K, groups=0, impl=i), ValueError, r"conv: groups must be >= 1; got 0"),
-    (lambda i: jc.conv(X, K, groups=1.0, impl=i), TypeError, r"conv: groups must be an int; got 1.0"),
+    (lambda i: jc.conv(X, K, groups=1.0, impl=i), TypeError, r"conv: groups must be an int; got float 1.0"),
     (lambda i: jc.conv(X, K, stride=0, impl=i), ValueError, r"conv: stride must be >= 1; got 0"),
     (lambda i: jc.conv(X, K, stride=1.5, impl=i), TypeError,
      r"conv: stride must be an int or a tuple of ints; got 1.5"),

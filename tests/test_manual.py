@@ -11,7 +11,7 @@ from jax.test_util import check_grads
 import jaxcnn as jc
 from jaxcnn import _shapes
 from jaxcnn.check import BFLOAT16_TOLERANCES
-from jaxcnn.conv import _conv_input_grad_gather, _conv_input_grad_scatter
+from jaxcnn.convolution import _conv_input_grad_gather, _conv_input_grad_scatter
 
 from conftest import assert_close
 

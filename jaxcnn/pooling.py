@@ -61,10 +61,9 @@ def avg_pool(x, window, *, stride=None, padding="VALID", count_include_pad=True,
     fn = "avg_pool"
     impl = _shapes.check_impl(fn, impl)
     x_shape = _shapes.check_array(fn, "x", x)
-    if not isinstance(count_include_pad, (bool, np.bool_)):
-        raise TypeError(f"{fn}: count_include_pad must be a bool; got {count_include_pad!r}")
+    count_include_pad = _shapes.check_bool(fn, "count_include_pad", count_include_pad)
     cfg = _shapes.pool_config(x_shape, window, stride=stride, padding=padding, fn=fn)
-    return _avg_pool_jit(x, cfg=cfg, count_include_pad=bool(count_include_pad), impl=impl)
+    return _avg_pool_jit(x, cfg=cfg, count_include_pad=count_include_pad, impl=impl)
 
 
 @partial(jax.jit, static_argnames=("cfg", "impl"))
