@@ -38,11 +38,10 @@ def cross_entropy(logits, labels, *, impl="lax"):
     y_dtype = labels.dtype if hasattr(labels, "dtype") else np.asarray(labels).dtype
     _shapes.check_labels(fn, l_shape, y_shape, y_dtype)
     lab = _concrete(labels)
-    if lab is not None and lab.size and (lab.min() < 0 or lab.max() >= l_shape[1]):
-        raise ValueError(
-            f"cross_entropy: labels must lie in [0, {l_shape[1]}) for logits of shape "
-            f"{tuple(l_shape)}; got values from {lab.min()} to {lab.max()}"
-        )
+    if lab is not None:
+        _shapes.check_label_values(fn, "labels", lab, l_shape[1],
+                                   context=f" for logits of shape {tuple(l_shape)}",
+                                   message=_shapes.LABEL_VALUES_HALF_OPEN)
     return _cross_entropy_jit(logits, labels, impl=impl)
 
 
