@@ -85,3 +85,41 @@ def write_idx(path, array, *, gz=True):
     raw = idx_bytes(array)
     path.write_bytes(gzip.compress(raw) if gz else raw)
     return path
+
+
+# The four files of an MNIST-format dataset, by the keys of `jaxcnn.data.Dataset`'s arrays.
+IDX_NAMES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
+
+
+def write_idx_files(directory, arrays, *, gz=True):
+    """Write the four IDX files of `arrays` ({key of IDX_NAMES: array}) into `directory`
+    (created if needed); return {key: path}."""
+    directory.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gz else ""
+    return {
+        key: write_idx(directory / (IDX_NAMES[key] + suffix), arrays[key], gz=gz)
+        for key in IDX_NAMES
+    }
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """Keep a test off the internet and out of the real cache; return the dead mirror's URL.
+
+    The default mirrors and ``$JAXCNN_MIRRORS`` point at a closed port on 127.0.0.1 (so a
+    subprocess that inherits the environment is offline too), and ``$XDG_CACHE_HOME`` at
+    ``tmp_path / "xdg-cache"``.
+    """
+    dead = closed_port_url()
+    monkeypatch.setattr("jaxcnn.data._download._MIRRORS",
+                        {"mnist": (dead,), "fashion_mnist": (dead,)})
+    monkeypatch.setenv("JAXCNN_MIRRORS", dead)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(var, "127.0.0.1,localhost")
+    return dead

@@ -1,7 +1,8 @@
 """Tests for jaxcnn.data: synthetic digits, IDX files, checked downloads, batches.
 
-No test touches the internet: downloads go to an HTTP server on 127.0.0.1, and an autouse
-fixture points the default mirrors at a closed local port and the cache at tmp_path.
+No test touches the internet: downloads go to an HTTP server on 127.0.0.1, and conftest's
+`offline` fixture, used by every test here, points the default mirrors at a closed local port
+and the cache at tmp_path.
 """
 
 import functools
@@ -16,31 +17,16 @@ import numpy as np
 import pytest
 
 from jaxcnn import data
+from jaxcnn.data import _download
 
-from conftest import TYPE_CODES, closed_port_url, idx_bytes, write_idx  # noqa: F401
+from conftest import (IDX_NAMES, TYPE_CODES, closed_port_url, idx_bytes, write_idx,
+                      write_idx_files)
 
-IDX_NAMES = {
-    "train_x": "train-images-idx3-ubyte",
-    "train_y": "train-labels-idx1-ubyte",
-    "test_x": "t10k-images-idx3-ubyte",
-    "test_y": "t10k-labels-idx1-ubyte",
-}
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 # ------------------------------------------------------------------------------------------
 # Fixtures and helpers.
-
-
-@pytest.fixture(autouse=True)
-def offline(tmp_path, monkeypatch):
-    """Keep every test off the internet and out of the real cache."""
-    dead = closed_port_url()
-    monkeypatch.setattr(data, "_MIRRORS", {"mnist": (dead,), "fashion_mnist": (dead,)})
-    monkeypatch.delenv(data.MIRRORS_ENV, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    for var in ("no_proxy", "NO_PROXY"):
-        monkeypatch.setenv(var, "127.0.0.1,localhost")
-    return dead
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -71,16 +57,6 @@ def fake_mnist(n_train=64, n_test=32, seed=0):
         "train_y": rng.integers(0, 10, n_train).astype(np.uint8),
         "test_x": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
         "test_y": rng.integers(0, 10, n_test).astype(np.uint8),
-    }
-
-
-def write_mnist(directory, arrays, *, gz=True):
-    """Write the four IDX files of `arrays` into `directory`; return {key: path}."""
-    directory.mkdir(parents=True, exist_ok=True)
-    suffix = ".gz" if gz else ""
-    return {
-        key: write_idx(directory / (IDX_NAMES[key] + suffix), arrays[key], gz=gz)
-        for key in IDX_NAMES
     }
 
 
@@ -289,9 +265,9 @@ def test_read_idx_corrupt_gzip(tmp_path, damage):
 def test_load_mnist_from_data_dir(tmp_path, layout):
     arrays = fake_mnist()
     if layout == "subdir-gz":
-        write_mnist(tmp_path / "mnist", arrays, gz=True)
+        write_idx_files(tmp_path / "mnist", arrays, gz=True)
     else:
-        write_mnist(tmp_path, arrays, gz=False)
+        write_idx_files(tmp_path, arrays, gz=False)
     ds = data.load_dataset("mnist", data_dir=tmp_path, download=False)
     assert ds.name == "mnist" and ds.num_classes == 10
     assert ds.train_x.shape == (64, 28, 28, 1) and ds.test_x.shape == (32, 28, 28, 1)
@@ -304,7 +280,7 @@ def test_load_mnist_from_data_dir(tmp_path, layout):
 
 def test_load_fashion_mnist_with_caps(tmp_path):
     arrays = fake_mnist(seed=1)
-    write_mnist(tmp_path / "fashion_mnist", arrays)
+    write_idx_files(tmp_path / "fashion_mnist", arrays)
     ds = data.load_dataset("fashion_mnist", data_dir=tmp_path, n_train=10, n_test=5)
     assert ds.name == "fashion_mnist"
     assert ds.train_x.shape == (10, 28, 28, 1) and ds.test_y.shape == (5,)
@@ -313,7 +289,7 @@ def test_load_fashion_mnist_with_caps(tmp_path):
 
 def test_load_mnist_from_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "c"))
-    write_mnist(tmp_path / "c" / "jaxcnn" / "mnist", fake_mnist())
+    write_idx_files(tmp_path / "c" / "jaxcnn" / "mnist", fake_mnist())
     ds = data.load_dataset("mnist", download=False)
     assert ds.train_x.shape == (64, 28, 28, 1)
 
@@ -337,7 +313,7 @@ def test_load_mnist_missing_files_default_cache(tmp_path):
 def test_load_mnist_wrong_image_dims(tmp_path):
     arrays = fake_mnist()
     arrays["train_x"] = arrays["train_x"][:, :27, :]
-    paths = write_mnist(tmp_path, arrays)
+    paths = write_idx_files(tmp_path, arrays)
     message = (f"{paths['train_x']} must hold uint8 images of shape (N, 28, 28); got uint8 of "
                f"shape (64, 27, 28)")
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -347,7 +323,7 @@ def test_load_mnist_wrong_image_dims(tmp_path):
 def test_load_mnist_labels_out_of_range(tmp_path):
     arrays = fake_mnist()
     arrays["test_y"][7] = 12
-    paths = write_mnist(tmp_path, arrays)
+    paths = write_idx_files(tmp_path, arrays)
     message = f"{paths['test_y']} has labels outside 0..9: 12 at index 7"
     with pytest.raises(ValueError, match=re.escape(message)):
         data.load_dataset("mnist", data_dir=tmp_path)
@@ -356,14 +332,14 @@ def test_load_mnist_labels_out_of_range(tmp_path):
 def test_load_mnist_count_mismatch(tmp_path):
     arrays = fake_mnist()
     arrays["train_y"] = arrays["train_y"][:63]
-    paths = write_mnist(tmp_path, arrays)
+    paths = write_idx_files(tmp_path, arrays)
     message = f"{paths['train_x']} has 64 images but {paths['train_y']} has 63 labels"
     with pytest.raises(ValueError, match=re.escape(message)):
         data.load_dataset("mnist", data_dir=tmp_path)
 
 
 def test_load_mnist_corrupt_file_is_named(tmp_path):
-    paths = write_mnist(tmp_path, fake_mnist())
+    paths = write_idx_files(tmp_path, fake_mnist())
     paths["test_x"].write_bytes(paths["test_x"].read_bytes()[:100])
     with pytest.raises(ValueError, match=re.escape(f"{paths['test_x']} is not a valid gzip")):
         data.load_dataset("mnist", data_dir=tmp_path)
@@ -409,7 +385,7 @@ def test_fetch_file_downloads_and_verifies(tmp_path, server):
 def test_fetch_file_uses_the_published_checksum_table(tmp_path, server, monkeypatch):
     root, url = server
     digest = serve_labels(root)
-    monkeypatch.setitem(data._SHA256["mnist"], LABELS, digest)
+    monkeypatch.setitem(_download._SHA256["mnist"], LABELS, digest)
     path = data.fetch_file(LABELS, dataset="mnist", mirrors=[url])
     assert path == tmp_path / "xdg-cache" / "jaxcnn" / "mnist" / LABELS
     assert sha256(path) == digest
@@ -492,9 +468,9 @@ def test_fetch_file_argument_errors(tmp_path):
 
 def test_load_dataset_downloads_into_the_cache(tmp_path, server, monkeypatch):
     root, url = server
-    paths = write_mnist(root, fake_mnist())
+    paths = write_idx_files(root, fake_mnist())
     for path in paths.values():
-        monkeypatch.setitem(data._SHA256["mnist"], path.name, sha256(path))
+        monkeypatch.setitem(_download._SHA256["mnist"], path.name, sha256(path))
     monkeypatch.setenv("JAXCNN_MIRRORS", url)
     ds = data.load_dataset("mnist")
     assert ds.train_x.shape == (64, 28, 28, 1)
@@ -512,6 +488,109 @@ def test_load_dataset_download_failure_is_file_not_found(tmp_path, offline):
     assert "train-images-idx3-ubyte.gz" in message and str(tmp_path) in message
     assert offline + "train-images-idx3-ubyte.gz" in message  # the URL that failed
     assert isinstance(info.value.__cause__, data.DownloadError)
+
+
+# ------------------------------------------------------------------------------------------
+# A failed start names what is missing and creates nothing.
+
+
+def tree(root):
+    """Every path under `root`, relative to it: what a call left on disk."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("download", [True, False])
+@pytest.mark.parametrize("layout", ["subdir", "flat"])
+def test_one_missing_file_in_a_data_dir_is_named_and_nothing_is_created(tmp_path, layout,
+                                                                         download):
+    data_dir = tmp_path / "data"
+    holder = data_dir / "mnist" if layout == "subdir" else data_dir
+    paths = write_idx_files(holder, fake_mnist())
+    paths["test_y"].unlink()
+    before = tree(tmp_path)
+    with pytest.raises(FileNotFoundError) as info:
+        data.load_dataset("mnist", data_dir=data_dir, download=download)
+    message = str(info.value)
+    assert re.search(r"load_dataset: the mnist file t10k-labels-idx1-ubyte\.gz \(gzipped, or "
+                     r"unzipped without \.gz\) is missing from " + re.escape(str(holder)) +
+                     r", which holds train-images-idx3-ubyte\.gz, train-labels-idx1-ubyte\.gz, "
+                     r"t10k-images-idx3-ubyte\.gz", message), message
+    other = data_dir if layout == "subdir" else data_dir / "mnist"
+    assert f"also looked in {other}" in message
+    assert message.count("t10k-labels-idx1-ubyte") == 1   # only the missing file is "missing"
+    assert "never completed by a download" in message
+    assert message.endswith(f"and place it in {holder}")
+    assert info.value.__cause__ is None                     # no download was tried
+    assert tree(tmp_path) == before                         # not even the cache directory
+
+
+def test_two_missing_files_are_both_named(tmp_path):
+    paths = write_idx_files(tmp_path, fake_mnist())
+    paths["train_x"].unlink()
+    paths["test_x"].unlink()
+    with pytest.raises(FileNotFoundError,
+                       match=r"the mnist files train-images-idx3-ubyte\.gz, t10k-images-idx3-"
+                             r"ubyte\.gz \(gzipped, or unzipped without \.gz\) are missing from "):
+        data.load_dataset("mnist", data_dir=tmp_path)
+
+
+def test_all_missing_and_downloads_refused_creates_nothing(tmp_path, offline):
+    before = tree(tmp_path)
+    with pytest.raises(FileNotFoundError) as info:
+        data.load_dataset("mnist")
+    message = str(info.value)
+    assert "the mnist files train-images-idx3-ubyte.gz, " in message
+    assert offline + "t10k-labels-idx1-ubyte.gz" not in message  # stopped at the first file
+    assert re.search(re.escape(offline + "train-images-idx3-ubyte.gz") + r": .*refused", message)
+    assert not (tmp_path / "xdg-cache").exists()
+    assert tree(tmp_path) == before
+
+
+def test_all_missing_in_a_data_dir_and_downloads_refused_creates_nothing(tmp_path, offline):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    with pytest.raises(FileNotFoundError, match=re.escape(offline + "train-images")):
+        data.load_dataset("mnist", data_dir=data_dir)
+    assert tree(tmp_path) == ["data"]                       # no data/mnist left behind
+
+
+def test_a_download_that_fails_halfway_keeps_nothing(tmp_path, server, monkeypatch):
+    root, url = server
+    paths = write_idx_files(root, fake_mnist())
+    for path in paths.values():
+        monkeypatch.setitem(_download._SHA256["mnist"], path.name, sha256(path))
+    paths["test_x"].unlink()          # the third file of four cannot be fetched
+    monkeypatch.setenv("JAXCNN_MIRRORS", url)
+    with pytest.raises(FileNotFoundError, match=re.escape(url + "t10k-images-idx3-ubyte.gz") +
+                       r": HTTP 404"):
+        data.load_dataset("mnist")
+    assert not (tmp_path / "xdg-cache").exists()            # the first two were removed again
+
+
+def test_a_partial_cache_is_completed(tmp_path, server, monkeypatch):
+    root, url = server
+    served = write_idx_files(root, fake_mnist())
+    for path in served.values():
+        monkeypatch.setitem(_download._SHA256["mnist"], path.name, sha256(path))
+    cached = tmp_path / "xdg-cache" / "jaxcnn" / "mnist"
+    kept = write_idx_files(cached, fake_mnist())            # the same files: same checksums
+    kept["train_y"].unlink()                                # an earlier start was cut off here
+    for key in ("train_x", "test_x", "test_y"):
+        served[key].unlink()                                # only the missing file can be fetched
+    monkeypatch.setenv("JAXCNN_MIRRORS", url)
+    ds = data.load_dataset("mnist")
+    np.testing.assert_array_equal(ds.train_y, fake_mnist()["train_y"])
+    assert files_in(cached) == sorted(p.name for p in kept.values())
+
+
+def test_a_partial_cache_that_cannot_be_completed_names_the_file_and_keeps_the_rest(tmp_path):
+    cached = tmp_path / "xdg-cache" / "jaxcnn" / "mnist"
+    kept = write_idx_files(cached, fake_mnist())
+    kept["train_y"].unlink()
+    with pytest.raises(FileNotFoundError, match=r"the mnist file train-labels-idx1-ubyte\.gz "
+                                                r".* is missing from " + re.escape(str(cached))):
+        data.load_dataset("mnist")
+    assert files_in(cached) == sorted(p.name for k, p in kept.items() if k != "train_y")
 
 
 # ------------------------------------------------------------------------------------------

@@ -18,10 +18,8 @@ import pytest
 
 from jaxcnn import training
 
-from conftest import ROOT, closed_port_url, load_cli, write_idx
+from conftest import IDX_NAMES as IDX, ROOT, closed_port_url, load_cli, write_idx_files
 
-IDX = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
-       "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
 N_TRAIN, N_TEST = 256, 100
 # Tiny settings shared with tests/test_training.py (same compiled step and evaluation).
 TINY = ["--epochs", "1", "--batch-size", "32", "--lr", "0.002", "--impl", "lax"]
@@ -30,24 +28,21 @@ TINY = ["--epochs", "1", "--batch-size", "32", "--lr", "0.002", "--impl", "lax"]
 cli = load_cli()
 
 
-@pytest.fixture(autouse=True)
-def offline(tmp_path, monkeypatch):
-    monkeypatch.setenv("JAXCNN_MIRRORS", closed_port_url())
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("offline")   # conftest: no internet, cache in tmp_path
 
 
 def write_mnist(directory, *, n_train=N_TRAIN, n_test=N_TEST, seed=0, labels=None):
     """Four gzipped IDX files: noisy images with a bright block whose place gives the label."""
     rng = np.random.default_rng(seed)
-    directory.mkdir(parents=True, exist_ok=True)
+    arrays = {}
     for split, n in (("train", n_train), ("test", n_test)):
         y = rng.integers(0, 10, n).astype(np.uint8) if labels is None else labels
         x = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
         for i, label in enumerate(y % 10):
             r, c = divmod(int(label), 5)
             x[i, 4 + 10 * r: 12 + 10 * r, 2 + 5 * c: 6 + 5 * c] = 255
-        write_idx(directory / f"{IDX[split + '_x']}.gz", x)
-        write_idx(directory / f"{IDX[split + '_y']}.gz", np.asarray(y).astype(np.uint8))
+        arrays[split + "_x"], arrays[split + "_y"] = x, np.asarray(y).astype(np.uint8)
+    write_idx_files(directory, arrays)
     return directory
 
 
