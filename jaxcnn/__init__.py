@@ -5,6 +5,7 @@ Every op takes ``impl="lax"`` (lax primitives, JAX's autodiff: the reference) or
 """
 
 from . import models, nn
+from .check import check_vjp
 from .convolution import conv
 from .activations import log_softmax, relu
 from .linear import dense, flatten
@@ -27,12 +28,3 @@ __all__ = [
     "models",
 ]
 
-
-def __getattr__(name):
-    # jc.check_vjp lives in jaxcnn.check and is imported on first use, so that the tool
-    # `python -m jaxcnn.check` does not find its own module already imported (runpy warns).
-    if name == "check_vjp":
-        from .check import check_vjp
-
-        return check_vjp
-    raise AttributeError(f"module 'jaxcnn' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """Shared fixtures and tolerances for the test suite.
 
-Tolerances come from the one table in :mod:`jaxcnn.check` (reasons in the README).
+Tolerances come from the one table in :mod:`jaxcnn.check.tolerances` (reasons in the README).
 """
 
 from __future__ import annotations

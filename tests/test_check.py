@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 
 from jaxcnn import _shapes, _windows, check
+from jaxcnn.check import grid as check_grid
+from jaxcnn.check.__main__ import main as check_main
+from jaxcnn.pooling import max_pool
 from jaxcnn._shapes import WindowConfig
 
 from jaxcnn import convolution as conv_mod
@@ -193,9 +196,9 @@ def test_check_vjp_static_keywords_and_labels(x64):
     assert result, str(result)
     assert [a.name for a in result.args] == ["logits"]        # integer labels pass through
     x = rng.standard_normal((1, 6, 6, 2))
-    result = check.check_vjp(lambda x, **kw: check.max_pool(x, 3, impl="manual", **kw),
-                             lambda x, **kw: check.max_pool(x, 3, impl="lax", **kw),
-                             check._unique(rng, x.shape, "float64"), stride=1, padding="SAME")
+    result = check.check_vjp(lambda x, **kw: max_pool(x, 3, impl="manual", **kw),
+                             lambda x, **kw: max_pool(x, 3, impl="lax", **kw),
+                             check_grid._unique(rng, x.shape, "float64"), stride=1, padding="SAME")
     assert result, str(result)
 
 
@@ -219,7 +222,7 @@ def test_docstring_example_runs(x64):
 
 def test_cli_quick_relu_writes_json(tmp_path, capsys):
     out = tmp_path / "report.json"
-    assert check.main(["--quick", "--op", "relu", "--json", str(out)]) == 0
+    assert check_main(["--quick", "--op", "relu", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert f"backend {jax.default_backend()}" in text.splitlines()[0]
     assert "1 passed, 0 failed" in text
@@ -236,7 +239,7 @@ def test_cli_fails_when_a_tolerance_is_impossible(monkeypatch, capsys):
     # Finite differences are never exact: with a zero tolerance (d) must fail.
     monkeypatch.setitem(check.TOLERANCES, "float64", {"rtol": 0.0, "atol": 0.0})
     monkeypatch.setitem(check.FD_TOLERANCES, "float64", {"step": 1e-6, "rtol": 0.0, "atol": 0.0})
-    assert check.main(["--quick", "--op", "relu"]) == 1
+    assert check_main(["--quick", "--op", "relu"]) == 1
     assert "0 passed, 1 failed" in capsys.readouterr().out
 
 
@@ -250,9 +253,9 @@ def test_cli_fails_on_a_broken_op(monkeypatch, tmp_path, capsys):
     def broken_relu(x, *, impl="lax"):
         return doubled(x) if impl == "manual" else jax.nn.relu(x)
 
-    monkeypatch.setattr(check, "relu", broken_relu)
+    monkeypatch.setattr(check_grid, "relu", broken_relu)
     out = tmp_path / "r.json"
-    assert check.main(["--quick", "--op", "relu", "--json", str(out)]) == 1
+    assert check_main(["--quick", "--op", "relu", "--json", str(out)]) == 1
     text = capsys.readouterr().out
     assert "FAIL" in text and "0 passed, 1 failed" in text
     assert json.loads(out.read_text())["rows"][0]["ok"] is False
@@ -260,12 +263,12 @@ def test_cli_fails_on_a_broken_op(monkeypatch, tmp_path, capsys):
 
 def test_cli_restores_x64():
     before = jax.config.jax_enable_x64
-    check.main(["--quick", "--op", "flatten"])
+    check_main(["--quick", "--op", "flatten"])
     assert jax.config.jax_enable_x64 == before
 
 
 def test_explain_checks_every_number(capsys):
-    assert check.main(["--explain"]) == 0
+    assert check_main(["--explain"]) == 0
     text = capsys.readouterr().out
     assert text.count("✓") >= 30
     assert "✗" not in text
@@ -282,7 +285,7 @@ def test_tolerance_tables_cover_both_dtypes():
 
 
 def test_quick_grid_covers_remainders_and_ties():
-    conv_labels = [c.label for c in check.grid("float64", ("conv",), quick=True)]
-    pool_labels = [c.label for c in check.grid("float64", ("max_pool",), quick=True)]
+    conv_labels = [c.label for c in check_grid.grid("float64", ("conv",), quick=True)]
+    pool_labels = [c.label for c in check_grid.grid("float64", ("max_pool",), quick=True)]
     assert any("3D" in label for label in conv_labels)
     assert any(label.startswith("ties") for label in pool_labels)

@@ -1,0 +1,299 @@
+"""The deliberate grid: one case per configuration, for every op with a hand-derived VJP.
+
+Each :class:`Case` holds one configuration's arguments and three forwards: the public op on
+``impl="manual"`` (the custom VJP under test, (a)), on ``impl="lax"`` (``jax.grad`` through it
+is (b)) and the manual forward with the custom VJP bypassed ((c), (d), (e)). :func:`run_case`
+sends a case through the comparison engine; :func:`grid` lists the cases of the report.
+
+How to add an op (say ``batch_norm``) to the grid and to ``python -m jaxcnn.check --op``:
+
+1. Write one case builder ``_batch_norm_cases(dtype: str) -> list[Case]``, returning the
+   configurations worth checking (strides that leave a remainder, every padding form, ...);
+   mark one or a few ``quick=True`` (the ``--quick`` subset, which CI runs). Build the inputs
+   from ``_rng(op, label)`` so that every case is reproducible on its own, and declare the
+   comparisons that do not apply in ``skip`` with the reason (see ``_TIES``). For an op of one
+   array, :func:`_unary_case` builds a case from the public op and its manual forward.
+2. Add one entry ``"batch_norm": _batch_norm_cases`` to :data:`OPS` (its order is the report's).
+
+Nothing else changes: :func:`grid`, the command line's ``--op`` choices and the JSON report read
+:data:`OPS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Callable
+
+import numpy as np
+
+from .. import _shapes
+from ..activations import (_log_softmax_manual_forward, _relu_manual_forward, log_softmax,
+                           relu)
+from ..convolution import _conv_manual_forward, conv
+from ..linear import _dense_manual_forward, _flatten_manual_forward, dense, flatten
+from ..losses import _cross_entropy_manual_forward, cross_entropy
+from ..pooling import _avg_pool_manual_forward, _max_pool_manual_forward, avg_pool, max_pool
+from ._engine import compare
+from .results import CheckResult
+
+_TIES = ("tied maxima: the derivative is undefined there and every subgradient is valid, so "
+         "(c) (which splits ties), (d) and (e) do not apply; (b) pins the tie rule (the first "
+         "maximum, as jax.grad of reduce_window picks)")
+_RELU_ZERO = ("relu at exactly 0: not differentiable; (b) pins the convention relu'(0) = 0, "
+              "(c) (jnp.maximum gives 1/2), (d) and (e) do not apply")
+
+
+@dataclasses.dataclass
+class Case:
+    """One configuration of one op: arguments and the three forwards to compare."""
+
+    op: str
+    label: str
+    args: tuple           # floating arrays are differentiated; the rest is passed through
+    names: tuple
+    manual: Callable      # public op, impl="manual": the custom VJP under test (a)
+    lax: Callable         # public op, impl="lax": jax.grad through it is (b)
+    forward: Callable     # manual forward without the custom VJP: (c), (d), (e)
+    quick: bool = False
+    skip: dict = dataclasses.field(default_factory=dict)
+
+
+def run_case(case: Case) -> CheckResult:
+    """Compare the case's custom VJP with (b)-(e): one row of the report."""
+    refs = {"reference_grad": case.lax, "bypass_grad": case.forward}
+    return compare(case.manual, refs, case.forward, case.args, case.names,
+                   title=f"{case.op}: {case.label}", skip=case.skip)
+
+
+def grid(dtype: str = "float64", ops=None, quick: bool = False) -> list:
+    """The cases of the report, op by op in the order of :data:`OPS` (``ops``: only these;
+    ``quick``: the representative subset)."""
+    ops = tuple(OPS) if ops is None else ops
+    cases = [case for op, build in OPS.items() if op in ops for case in build(dtype)]
+    return [c for c in cases if c.quick] if quick else cases
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs and the case of one configuration.
+
+
+def _rng(op, label):
+    return np.random.default_rng(zlib.crc32(f"{op}|{label}".encode()))
+
+
+def _unique(rng, shape, dtype):
+    """Distinct, well-separated values (a shuffled grid spanning [-2, 2]): no near-ties, so
+    max pooling is differentiable and finite differences with h ≈ 1e-6 never swap a maximum."""
+    n = int(np.prod(shape))
+    gap = 4.0 / max(n - 1, 1)
+    return (rng.permutation(n) * gap - 2.0).reshape(shape).astype(dtype)
+
+
+def _conv_case(label, x_shape, k_shape, bias=True, quick=False, dtype="float64", **st):
+    rng = _rng("conv", label)
+    st = {"stride": 1, "padding": "VALID", "dilation": 1, "groups": 1, **st}
+    x = rng.standard_normal(x_shape).astype(dtype)
+    k = rng.standard_normal(k_shape).astype(dtype)
+    b = rng.standard_normal(k_shape[-1]).astype(dtype) if bias else None
+    cfg = _shapes.conv_config(x.shape, k.shape, None if b is None else b.shape, **st)
+    return Case("conv", label, (x, k, b), ("x", "kernel", "bias"),
+                lambda x, k, b: conv(x, k, b, impl="manual", **st),
+                lambda x, k, b: conv(x, k, b, impl="lax", **st),
+                lambda x, k, b: _conv_manual_forward(x, k, b, cfg, st["groups"]), quick)
+
+
+def _max_pool_case(label, x_shape, window, quick=False, dtype="float64", tied_x=None, **st):
+    """Unique inputs; or ``tied_x``, an input with tied maxima, where only (b) applies."""
+    ties = tied_x is not None
+    x = np.asarray(tied_x, dtype) if ties else _unique(_rng("max_pool", label), x_shape, dtype)
+    cfg = _shapes.pool_config(x.shape, window, stride=st.get("stride"),
+                              padding=st.get("padding", "VALID"), fn="max_pool")
+    skip = ({k: _TIES for k in ("bypass_grad", "finite_diff", "adjoint")} if ties else {})
+    return Case("max_pool", label, (x,), ("x",),
+                lambda x: max_pool(x, window, impl="manual", **st),
+                lambda x: max_pool(x, window, impl="lax", **st),
+                lambda x: _max_pool_manual_forward(x, cfg), quick, skip)
+
+
+def _avg_pool_case(label, x_shape, window, quick=False, dtype="float64", **st):
+    rng = _rng("avg_pool", label)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    cip = st.get("count_include_pad", True)
+    cfg = _shapes.pool_config(x.shape, window, stride=st.get("stride"),
+                              padding=st.get("padding", "VALID"), fn="avg_pool")
+    return Case("avg_pool", label, (x,), ("x",),
+                lambda x: avg_pool(x, window, impl="manual", **st),
+                lambda x: avg_pool(x, window, impl="lax", **st),
+                lambda x: _avg_pool_manual_forward(x, cfg, cip), quick)
+
+
+def _dense_case(label, x_shape, w_shape, bias=True, quick=False, dtype="float64"):
+    rng = _rng("dense", label)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[-1]).astype(dtype) if bias else None
+    return Case("dense", label, (x, w, b), ("x", "w", "b"),
+                lambda x, w, b: dense(x, w, b, impl="manual"),
+                lambda x, w, b: dense(x, w, b, impl="lax"),
+                _dense_manual_forward, quick)
+
+
+def _unary_case(op, label, x, op_func, forward, quick=False, skip=None):
+    """A case of an op of one array ``x``: ``op_func(x, impl=...)``, its manual ``forward``."""
+    return Case(op, label, (x,), ("x",), lambda x: op_func(x, impl="manual"),
+                lambda x: op_func(x, impl="lax"), forward, quick, dict(skip or {}))
+
+
+def _cross_entropy_case(label, n, classes, quick=False, dtype="float64"):
+    rng = _rng("cross_entropy", label)
+    logits = (2 * rng.standard_normal((n, classes))).astype(dtype)
+    labels = rng.integers(0, classes, n).astype(np.int32)
+    return Case("cross_entropy", label, (logits, labels), ("logits", "labels"),
+                lambda z, y: cross_entropy(z, y, impl="manual"),
+                lambda z, y: cross_entropy(z, y, impl="lax"),
+                _cross_entropy_manual_forward, quick)
+
+
+# --------------------------------------------------------------------------------------------
+# The configurations of each op: one case builder per op, dtype -> list of cases.
+
+
+def _conv_cases(dtype: str) -> list:
+    return [
+        _conv_case("2D lecture: 3×3 ⋆ 2×2 + B", (1, 3, 3, 1), (2, 2, 1, 1), quick=True,
+                   dtype=dtype),
+        _conv_case("2D s2 SAME", (2, 7, 7, 3), (3, 3, 3, 4), stride=2, padding="SAME",
+                   dtype=dtype),
+        _conv_case("2D s2 VALID, remainder r=1", (2, 6, 6, 2), (3, 3, 2, 3), stride=2,
+                   dtype=dtype),
+        _conv_case("2D s3 VALID, odd/even, r=(1,2)", (1, 9, 8, 2), (2, 3, 2, 2), stride=3,
+                   dtype=dtype),
+        _conv_case("2D padding 1, dilation 2", (2, 7, 6, 2), (3, 3, 2, 3), padding=1,
+                   dilation=2, dtype=dtype),
+        _conv_case("2D uneven pads, s(2,1), dil (2,1)", (1, 8, 7, 2), (3, 2, 2, 2),
+                   padding=((0, 2), (1, 0)), stride=(2, 1), dilation=(2, 1), quick=True,
+                   dtype=dtype),
+        _conv_case("2D padding 3 > window 2 (bwd crops)", (1, 4, 5, 2), (2, 2, 2, 2),
+                   padding=3, dtype=dtype),
+        _conv_case("2D groups 2, SAME", (2, 6, 6, 4), (3, 3, 2, 6), groups=2,
+                   padding="SAME", dtype=dtype),
+        _conv_case("2D depthwise ×2, s2 SAME", (2, 6, 5, 3), (3, 3, 1, 6), groups=3,
+                   stride=2, padding="SAME", quick=True, dtype=dtype),
+        _conv_case("2D no bias, batch 3", (3, 5, 5, 2), (3, 3, 2, 2), bias=False, dtype=dtype),
+        _conv_case("2D 1×1 kernel, s2", (1, 5, 5, 3), (1, 1, 3, 2), stride=2, dtype=dtype),
+        _conv_case("1D s2 SAME", (3, 11, 2), (3, 2, 4), stride=2, padding="SAME", dtype=dtype),
+        _conv_case("1D dil 3, pads (2,1), groups 2", (2, 12, 4), (3, 2, 4), dilation=3,
+                   padding=((2, 1),), groups=2, dtype=dtype),
+        _conv_case("3D s(2,1,2), padding 1, groups 2", (1, 5, 6, 5, 4), (2, 3, 2, 2, 4),
+                   stride=(2, 1, 2), padding=1, groups=2, quick=True, dtype=dtype),
+        _conv_case("3D s2 SAME, batch 2", (2, 5, 4, 6, 2), (3, 3, 3, 2, 2), stride=2,
+                   padding="SAME", dtype=dtype),
+    ]
+
+
+def _max_pool_cases(dtype: str) -> list:
+    rng = _rng("max_pool", "ties")
+    after_relu = np.maximum(rng.standard_normal((2, 6, 6, 2)), 0)
+    plateau = np.zeros((1, 5, 5, 1))
+    plateau[0, 2:4, 1:3, 0] = 1.0
+    return [
+        _max_pool_case("2×2 s2 (lecture)", (2, 6, 6, 3), 2, quick=True, dtype=dtype),
+        _max_pool_case("2×2 s2, remainder r=(1,1)", (1, 5, 7, 2), 2, dtype=dtype),
+        _max_pool_case("3×3 s2 SAME, overlapping", (2, 7, 6, 2), 3, stride=2,
+                       padding="SAME", quick=True, dtype=dtype),
+        _max_pool_case("3×3 s1, overlapping", (1, 6, 6, 2), 3, stride=1, dtype=dtype),
+        _max_pool_case("2×3 s(1,2), pads ((1,0),(0,1))", (2, 5, 6, 1), (2, 3),
+                       stride=(1, 2), padding=((1, 0), (0, 1)), dtype=dtype),
+        _max_pool_case("1D window 3, s2, padding 1", (3, 10, 2), (3,), stride=2,
+                       padding=1, dtype=dtype),
+        _max_pool_case("3D 2×2×2", (1, 4, 5, 4, 2), 2, dtype=dtype),
+        _max_pool_case("ties: constant input", (1, 4, 4, 2), 2,
+                       tied_x=np.ones((1, 4, 4, 2)), quick=True, dtype=dtype),
+        _max_pool_case("ties: after relu (many zeros)", (2, 6, 6, 2), 2,
+                       tied_x=after_relu, dtype=dtype),
+        _max_pool_case("ties: 3×3 s1 over a 2×2 plateau", (1, 5, 5, 1), 3, stride=1,
+                       tied_x=plateau, dtype=dtype),
+    ]
+
+
+def _avg_pool_cases(dtype: str) -> list:
+    return [
+        _avg_pool_case("2×2 s2 (lecture)", (2, 6, 6, 3), 2, quick=True, dtype=dtype),
+        _avg_pool_case("3×3 s1, overlapping", (1, 6, 6, 2), 3, stride=1, dtype=dtype),
+        _avg_pool_case("3×3 s2 SAME, count_include_pad=False", (2, 7, 6, 2), 3, stride=2,
+                       padding="SAME", count_include_pad=False, quick=True, dtype=dtype),
+        _avg_pool_case("3×3 s2 SAME, count_include_pad=True", (2, 7, 6, 2), 3, stride=2,
+                       padding="SAME", dtype=dtype),
+        _avg_pool_case("3×3 s2, pads ((1,0),(0,2)), exclude pad", (1, 5, 7, 2), 3,
+                       stride=2, padding=((1, 0), (0, 2)), count_include_pad=False,
+                       dtype=dtype),
+        _avg_pool_case("1D window 4, s3, remainder r=1", (2, 11, 2), (4,), stride=3,
+                       dtype=dtype),
+        _avg_pool_case("3D 2×2×2, padding 1, exclude pad", (1, 4, 5, 3, 2), 2,
+                       padding=1, count_include_pad=False, dtype=dtype),
+    ]
+
+
+def _dense_cases(dtype: str) -> list:
+    return [
+        _dense_case("x(4,5)·W(5,3) + b", (4, 5), (5, 3), quick=True, dtype=dtype),
+        _dense_case("batch dims x(2,3,5)", (2, 3, 5), (5, 4), dtype=dtype),
+        _dense_case("no bias, square W(6,6)", (3, 6), (6, 6), bias=False, dtype=dtype),
+    ]
+
+
+def _relu_cases(dtype: str) -> list:
+    rng = _rng("relu", "inputs")
+    away = lambda s: (np.sign(z := rng.standard_normal(s)) * (0.05 + np.abs(z))).astype(dtype)
+    zeros = np.array([[-1.0, 0.0, 2.0, 0.0], [0.0, 3.0, -2.0, 0.0]], dtype)
+    return [
+        _unary_case("relu", "x(3,7), |x| >= 0.05", away((3, 7)), relu,
+                    _relu_manual_forward, quick=True),
+        _unary_case("relu", "x(2,4,4,3)", away((2, 4, 4, 3)), relu, _relu_manual_forward),
+        _unary_case("relu", "ties: x = 0 exactly", zeros, relu, _relu_manual_forward,
+                    skip={k: _RELU_ZERO for k in ("bypass_grad", "finite_diff", "adjoint")}),
+    ]
+
+
+def _flatten_cases(dtype: str) -> list:
+    rng = _rng("flatten", "inputs")
+    return [
+        _unary_case("flatten", "x(2,3,4,2)", rng.standard_normal((2, 3, 4, 2)).astype(dtype),
+                    flatten, _flatten_manual_forward, quick=True),
+        _unary_case("flatten", "x(3,5), already flat", rng.standard_normal((3, 5)).astype(dtype),
+                    flatten, _flatten_manual_forward),
+    ]
+
+
+def _log_softmax_cases(dtype: str) -> list:
+    rng = _rng("log_softmax", "inputs")
+    return [
+        _unary_case("log_softmax", "x(4,10)", (2 * rng.standard_normal((4, 10))).astype(dtype),
+                    log_softmax, _log_softmax_manual_forward, quick=True),
+        _unary_case("log_softmax", "x(2,3,5)", rng.standard_normal((2, 3, 5)).astype(dtype),
+                    log_softmax, _log_softmax_manual_forward),
+        _unary_case("log_softmax", "large logits x + 100",
+                    (100 + rng.standard_normal((3, 6))).astype(dtype), log_softmax,
+                    _log_softmax_manual_forward),
+    ]
+
+
+def _cross_entropy_cases(dtype: str) -> list:
+    return [
+        _cross_entropy_case("logits(8,10)", 8, 10, quick=True, dtype=dtype),
+        _cross_entropy_case("logits(1,3), batch 1", 1, 3, dtype=dtype),
+    ]
+
+
+# The ops of the grid, in report order: name (for --op and the report) -> case builder.
+OPS: dict[str, Callable[[str], list]] = {
+    "conv": _conv_cases,
+    "max_pool": _max_pool_cases,
+    "avg_pool": _avg_pool_cases,
+    "dense": _dense_cases,
+    "relu": _relu_cases,
+    "flatten": _flatten_cases,
+    "log_softmax": _log_softmax_cases,
+    "cross_entropy": _cross_entropy_cases,
+}
