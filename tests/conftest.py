@@ -11,6 +11,7 @@ import pathlib
 import socket
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import settings
@@ -44,6 +45,58 @@ def assert_close(actual, expected, dtype, what=""):
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     np.testing.assert_allclose(actual, expected, err_msg=what, **tol(dtype))
 
+
+
+# --------------------------------------------------------------------------------------------
+# Op-test helpers shared by the per-op test files (test_conv.py, test_pool.py, ...).
+
+IMPLS = ("lax", "manual")
+
+# The deliberate grid: not the full product (that would take hours). Each op file walks
+# (spatial dims, stride, padding form) once per op, and rotates dilation, groups, batch size
+# and dtype through their values so that each is met with every stride and every padding form.
+GRID_NDS = (1, 2, 3)
+GRID_STRIDES = (1, 2, 3)
+GRID_PADDINGS = ("VALID", "SAME", 1, "uneven")
+# Sizes that strides 2 and 3 do not divide, odd and even.
+GRID_SPATIAL = {1: (9,), 2: (7, 8), 3: (5, 6, 4)}
+
+
+def grid_padding(form, nd):
+    """A grid padding form as the ops take it: "uneven" becomes explicit unequal pairs."""
+    return tuple(((1, 2), (0, 1), (2, 0))[:nd]) if form == "uneven" else form
+
+
+def unique_values(shape, *, seed=0, step=1.0, centred=False):
+    """Distinct values `step` apart in a random order: no ties for max pooling, no near-ties
+    (or relu kinks, when `centred` and offset) within a finite-difference step."""
+    n = int(np.prod(shape))
+    values = np.random.default_rng(seed).permutation(n)
+    if centred:
+        values = values - n / 2
+    return values.reshape(shape) * step
+
+
+def compare_impls(op, args, dtype):
+    """Assert that ``op(*args, impl)`` agrees between "manual" and "lax": the forward, and the
+    gradient with respect to every argument of a random scalar function of the output. Both
+    keep the dtype of the inputs."""
+    ct = np.random.default_rng(1).normal(size=jax.eval_shape(lambda *a: op(*a, "lax"), *args).shape)
+
+    @jax.jit                                                   # one compilation per call
+    def both(*a):
+        out = {}
+        for impl in IMPLS:
+            loss = lambda *a: jnp.sum(jnp.sin(op(*a, impl)) * ct)    # noqa: E731
+            out[impl] = (op(*a, impl), jax.grad(loss, argnums=tuple(range(len(a))))(*a))
+        return out
+
+    out = both(*args)
+    assert out["manual"][0].dtype == args[0].dtype
+    assert_close(out["manual"][0], out["lax"][0], dtype, "forward")
+    for i, (gm, gl) in enumerate(zip(out["manual"][1], out["lax"][1])):
+        assert gm.dtype == args[i].dtype, f"gradient {i} dtype"
+        assert_close(gm, gl, dtype, f"gradient of argument {i}")
 
 # --------------------------------------------------------------------------------------------
 # Data-file helpers shared by the data and command-line tests (no test touches the internet).
