@@ -1,6 +1,22 @@
-"""Convolution: the public op, the lax forward, the manual forward, the hand-derived backward.
+"""Convolution and its transpose: public ops, lax forwards, manual forwards, hand-derived
+backwards, registrations.
 
-``Z = X ⋆ K + B`` (cross-correlation, as in every deep-learning library).
+``Z = X ⋆ K + B`` (cross-correlation, as in every deep-learning library), and
+``conv_transpose``, its exact adjoint in ``X``.
+
+Understanding the two ops together. For a fixed kernel, ``conv`` is a linear map ``A_K: X ↦
+X ⋆ K``. The lecture's backward of ``conv`` is three sums over the pairs ``(i, m)`` of an
+output position and a kernel tap (``p = i · s + m · d`` the padded input position they meet):
+
+    Z_i  = Σ_m Xpad_p · K_m                (forward:          A_K X)
+    dK_m = Σ_i Xpad_p · dZ_i               (kernel gradient:  X ⋆ dZ)
+    dX_p = Σ_{(i, m) → p} dZ_i · K_mᵀ      (input gradient:   A_Kᵀ dZ)
+
+``conv_transpose(Y, K)`` *is* ``A_Kᵀ Y``: its forward is the third line with ``dZ := Y``. Its
+backward is the other two lines with the roles swapped: ``dY = A_K dX = dX ⋆ K`` (conv's
+forward) and ``dK_m = Σ_i dXpad_p · Y_i`` (conv's kernel gradient with ``X := dX``,
+``dZ := Y``). So the three products of :mod:`jaxcnn._patches` serve both ops, and each op's
+backward calls the other op's forward.
 """
 
 from __future__ import annotations
@@ -9,10 +25,9 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from . import _shapes, _windows
+from . import _patches, _shapes, _windows, _xla_cpu
 from ._shapes import WindowConfig
 
 
@@ -71,89 +86,11 @@ def _conv_lax(x, kernel, bias, cfg: WindowConfig, groups: int):
         x, kernel, window_strides=cfg.stride, padding=cfg.padding, rhs_dilation=cfg.dilation,
         dimension_numbers=dn, feature_group_count=groups,
         preferred_element_type=_windows.accum_dtype(x.dtype))
-    if bias is not None:
-        z = z + bias.astype(z.dtype)
-    return z.astype(x.dtype)
+    return _add_bias(z, bias, x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
 # The manual forward, written out: Z_i = Σ_m Xpad[i * s + m * d] · K_m  (+ B).
-
-
-# Up to this many multiply-adds per output position and group (taps × C_in/G × C_out/G) the
-# sum is written as broadcast multiply-adds, which XLA fuses into one loop over the output;
-# above it, as one patch-matrix product. Same sum, two orders; the threshold is a speed choice:
-# benchmarks/ops.py found the fused loop far faster for a lone tiny layer, but inside whole
-# networks XLA's layout choices make it slower than the product from a few hundred terms on.
-_FUSED_MACS = 32
-
-
-def _correlate(x, kernel, cfg: WindowConfig, groups: int):
-    """``Z = X ⋆ K`` (no bias); see :func:`_correlate_patches`."""
-    return _correlate_patches(x, kernel, cfg, groups)[0]
-
-
-def _correlate_patches(x, kernel, cfg: WindowConfig, groups: int):
-    """``Z[n, i, co] = Σ_{m, ci} Xpad[n, i * s + m * d, ci] · K[m, ci, co]``, per group.
-
-    Tap ``m`` is the strided slice ``Xpad[:, m * d : m * d + (out - 1) * s + 1 : s, :]``
-    (:func:`jaxcnn._windows.taps`), so ``tap_m[i] = Xpad[i * s + m * d]``. Small layers sum
-    ``tap_m[..., ci] · K[m, ci, :]`` term by term (one fused loop); larger ones stack the taps
-    into the patch matrix ``P: (N, *out, T · C_in)`` and multiply it by the kernel flattened to
-    ``(T · C_in / G, C_out)``, group by group. No ``conv_general_dilated``.
-
-    Returns ``(Z, P)``; ``P`` is None on the term-by-term path. The backward reuses ``P``
-    (kept as a residual: memory ``T`` times the layer's input, traded for one product in ``dK``).
-    """
-    out = _windows.out_shape(x.shape, cfg)
-    t, ci, co, g = int(np.prod(cfg.window)), kernel.shape[-2], kernel.shape[-1], groups
-    acc = _windows.accum_dtype(x.dtype)
-    k = kernel.reshape(t, ci, g, co // g).astype(acc)          # (T, C_in/G, G, C_out/G)
-    fused = t * ci * (co // g) <= _FUSED_MACS
-    if fused:
-        # Materialize the input and (below) the sum: otherwise XLA fuses the producer of x
-        # (say a max-pool) into every one of the T·C_in terms, or the whole chain into every
-        # consumer of z, and recomputes it there.
-        x = lax.optimization_barrier(x)
-    taps = _windows.taps(_windows.pad(x, cfg.padding), cfg, out)
-    if fused:
-        z = None
-        for m, tap in enumerate(taps):
-            tap = tap.astype(acc).reshape(*tap.shape[:-1], g, ci)      # (N, *out, G, C_in/G)
-            for c in range(ci):
-                term = tap[..., c:c + 1] * k[m, c]                     # (N, *out, G, C_out/G)
-                z = term if z is None else z + term
-        z = lax.optimization_barrier(z)
-        p = None
-    else:
-        p = lax.optimization_barrier(_patch_matrix(taps))             # (N, *out, T * C_in)
-        if g == 1:      # one plain matrix product (an einsum with a unit group axis is slower)
-            z = jnp.matmul(p.reshape(-1, t * ci), k.reshape(t * ci, co),
-                           preferred_element_type=acc).reshape(*p.shape[:-1], 1, co)
-        else:
-            z = jnp.einsum("...tgc,tcgo->...go", p.reshape(*p.shape[:-1], t, g, ci), k,
-                           preferred_element_type=acc)
-    return z.reshape(*z.shape[:-2], co), p
-
-
-# Taps with fewer channels than this are put side by side with a concatenate, wider ones as a
-# sum of channel-padded taps: XLA's CPU backend is fast at one and slow at the other depending
-# on the width of the pieces (measured with benchmarks/ops.py).
-_CONCAT_BELOW = 8
-
-
-def _patch_matrix(taps):
-    """``P[..., m * C + c] = tap_m[..., c]``: the taps side by side along the channel axis."""
-    t, c = len(taps), taps[0].shape[-1]
-    if c < _CONCAT_BELOW:
-        return jnp.concatenate(taps, axis=-1)
-    nd = taps[0].ndim
-    total = None
-    for m, tap in enumerate(taps):
-        placed = lax.pad(tap, jnp.zeros((), tap.dtype),
-                         [(0, 0, 0)] * (nd - 1) + [(m * c, (t - 1 - m) * c, 0)])
-        total = placed if total is None else total + placed
-    return total
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -163,8 +100,11 @@ def _conv_manual(x, kernel, bias, cfg: WindowConfig, groups: int):
 
 
 def _conv_manual_forward(x, kernel, bias, cfg: WindowConfig, groups: int):
-    """``Z = X ⋆ K + B`` through :func:`_correlate`, without the custom VJP (plain autodiff)."""
-    return _add_bias(_correlate(x, kernel, cfg, groups), bias, x.dtype)
+    """``Z = X ⋆ K + B``: ``Z[n, i, co] = Σ_{m, ci} Xpad[n, i * s + m * d, ci] · K[m, ci, co]``
+    per group, as the product ``Z = P · K`` of the patch matrix ``P`` (row ``i`` = the window of
+    output ``i``) with the kernel flattened to ``(T · C_in / G, C_out)``
+    (:func:`jaxcnn._patches.correlate`, tile by tile). No ``conv_general_dilated``."""
+    return _add_bias(_patches.correlate(x, kernel, cfg, groups), bias, x.dtype)
 
 
 def _add_bias(z, bias, dtype):
@@ -178,9 +118,8 @@ def _add_bias(z, bias, dtype):
 
 
 def _conv_fwd(x, kernel, bias, cfg, groups):
-    """The forward, keeping the patch matrix ``P`` (when it was built) for ``dK = Pᵀ · dZ``."""
-    z, patches = _correlate_patches(x, kernel, cfg, groups)
-    return _add_bias(z, bias, x.dtype), (x, kernel, bias is not None, patches)
+    """The forward, keeping only ``X`` and ``K`` (the patches are rebuilt, tile by tile)."""
+    return _conv_manual_forward(x, kernel, bias, cfg, groups), (x, kernel, bias is not None)
 
 
 def _conv_bwd(cfg: WindowConfig, groups: int, res, dz):
@@ -188,23 +127,29 @@ def _conv_bwd(cfg: WindowConfig, groups: int, res, dz):
 
     - ``dK = X ⋆ dZ``: ``dK_m = Σ_{n,i} Xpad[n, i * s + m * d] · dZ[n, i]`` for each kernel
       offset ``m`` (the chain rule ``dL/dK_m = Σ_i dL/dz_i · ∂z_i/∂K_m`` with
-      ``∂z_i/∂K_m = Xpad[i * s + m * d]``). With stride ``s`` the correlation steps through
-      ``X`` in jumps of ``s`` (``dZ`` dilated by ``s - 1`` zeros); the stride-remainder rows
-      the forward dropped are never read. With groups, per group. (:func:`_conv_kernel_grad`)
+      ``∂z_i/∂K_m = Xpad[i * s + m * d]``): the product ``dK = Pᵀ · dZ`` with the forward's
+      patch matrix, which contracts over every batch and output position. The stride steps
+      through ``X`` in jumps of ``s`` (``dZ`` acts as a kernel dilated by ``s``); the
+      stride-remainder rows the forward dropped are never read. Per group.
     - ``dB = Σ_{n,i} dZ[n, i]``.
-    - ``dX = pad(dilate_s(dZ)) ⋆ rot180(K)ᵀ``: the full convolution of the zero-padded,
-      stride-dilated ``dZ`` with the kernel rotated by 180° and its in/out channels swapped
-      (per group), with the forward's kernel dilation ``d``; paddings from
-      :func:`jaxcnn._shapes.conv_input_grad_padding` (negative = crop). That gather form is
-      :func:`_conv_input_grad_gather`; what runs here is :func:`_conv_input_grad_scatter`, the
-      same sum in the other order (derived in its docstring), which benchmarks/ops.py measured
-      to be several times faster on CPU. The tests check that both forms agree.
+    - ``dX``, in the scatter order that runs here: ``dX = col2im(dZ · Kᵀ)``. Output ``z_i``
+      received ``Σ_m Xpad[i s + m d] K_m``, so ``∂L/∂Xpad[p] = Σ_{(i, m): i s + m d = p}
+      dZ_i K_mᵀ``: one product ``dZ · Kᵀ`` gives every ``dZ_i K_mᵀ``, column block ``m`` is put
+      back at the positions ``i s + m d`` that tap ``m`` read and summed where windows
+      overlap, and the forward padding is cropped away (:func:`jaxcnn._patches.input_grad`).
+      The lecture's gather order is the same sum: ``dX = pad(dilate_s(dZ)) ⋆ rot180(K)ᵀ``,
+      the full convolution of the zero-padded, stride-dilated ``dZ`` with the kernel rotated by
+      180° and its in/out channels swapped per group (substitute ``m' = k - 1 - m`` and
+      ``p = j + m' d - (k_eff - 1)``: for every ``p`` both sum ``dZ_i K_mᵀ`` over the same
+      pairs). It is :func:`_conv_input_grad_gather`, kept as the lecture's reference and
+      tested equal; the scatter order skips the ``s - 1`` zeros of every dilated row, so the
+      product costs no more than the forward's at any stride.
+
+    Each product accumulates in float32 for half precision and is rounded once.
     """
-    x, kernel, has_bias, patches = res
-    # Materialize the operands of the products below: XLA's CPU backend otherwise fuses their
-    # elementwise producers into each product and falls back to a slow naive loop.
-    x, dz = lax.optimization_barrier((x, dz))
-    dk = _conv_kernel_grad(x, dz, cfg, groups, kernel.shape, patches)
+    x, kernel, has_bias = res
+    dz = _xla_cpu.barrier(dz)
+    dk = _patches.kernel_grad(x, dz, kernel.shape, cfg, groups)
     db = None
     if has_bias:
         db = jnp.sum(dz, axis=tuple(range(dz.ndim - 1)), dtype=_windows.accum_dtype(dz.dtype))
@@ -212,27 +157,30 @@ def _conv_bwd(cfg: WindowConfig, groups: int, res, dz):
     return dx.astype(x.dtype), dk.astype(kernel.dtype), None if db is None else db.astype(dz.dtype)
 
 
-def _conv_kernel_grad(x, dz, cfg: WindowConfig, groups: int, k_shape, patches=None):
-    """``dK = X ⋆ dZ``: ``dK[m, c, g, o] = Σ_{n,i} tap_m[n, i, g, c] · dZ[n, i, g, o]``.
+_conv_manual.defvjp(_conv_fwd, _conv_bwd)
 
-    ``tap_m[i] = Xpad[i * s + m * d]`` are the forward's own taps, so the stride steps through
-    ``X`` (``dZ`` acts as a kernel dilated by ``s``), the kernel dilation ``d`` spaces the
-    offsets ``m``, and the stride-remainder rows are never read. With the forward's patch matrix
-    ``P`` (its taps side by side) this is one product ``Pᵀ · dZ`` contracting over every batch
-    and output position, group by group; without it, one product per offset ``m``.
+
+def _conv_input_grad_scatter(dz, kernel, x_shape, cfg: WindowConfig, groups: int):
+    """``dX = col2im(dZ · Kᵀ)`` (the scatter order; see :func:`_conv_bwd`)."""
+    return _patches.input_grad(dz, kernel, x_shape, cfg, groups)
+
+
+def _conv_input_grad_gather(dz, kernel, x_shape, cfg: WindowConfig, groups: int):
+    """Gather order: ``dX = pad(dilate_s(dZ)) ⋆ rot180(K)ᵀ`` at stride 1, kernel dilation ``d``.
+
+    ``dilate_s`` inserts ``s - 1`` zeros between the entries of ``dZ``; ``pad`` uses
+    ``low = k_eff - 1 - lo``, ``high = k_eff - 1 - hi + r`` (``r`` the stride remainder;
+    :func:`jaxcnn._shapes.conv_input_grad_padding`), negative values cropping. The convolution is
+    the manual one: backprop through a conv is a conv. The lecture's form, kept as the reference
+    that the scatter order runs against in the tests and in ``--explain``.
     """
-    acc = _windows.accum_dtype(x.dtype)
-    g, ci, co = groups, x.shape[-1] // groups, dz.shape[-1]
-    d = dz.reshape(-1, g, co // g)                                     # (N·out, G, C_out/G)
-    if patches is not None:
-        t = patches.shape[-1] // (g * ci)
-        p = patches.reshape(-1, t, g, ci)                              # (N·out, T, G, C_in/G)
-        return jnp.einsum("ptgc,pgo->tcgo", p, d, preferred_element_type=acc).reshape(k_shape)
-    taps = _windows.taps(_windows.pad(x, cfg.padding), cfg, dz.shape[1:-1])
-    taps = lax.optimization_barrier(taps)
-    dk = [jnp.einsum("pgc,pgo->cgo", tap.reshape(-1, g, ci), d, preferred_element_type=acc)
-          for tap in taps]
-    return jnp.stack(dk).reshape(k_shape)
+    spatial = x_shape[1:-1]
+    dz_dil = _windows.pad(dz, ((0, 0),) * cfg.ndim, interior=tuple(s - 1 for s in cfg.stride))
+    back = WindowConfig(cfg.window, (1,) * cfg.ndim,
+                        _shapes.conv_input_grad_padding(spatial, cfg), cfg.dilation)
+    dz_dil = _windows.pad(dz_dil, tuple((min(lo, 0), min(hi, 0)) for lo, hi in back.padding))
+    back = back._replace(padding=tuple((max(lo, 0), max(hi, 0)) for lo, hi in back.padding))
+    return _conv_manual_forward(dz_dil, _rot180_swap(kernel, groups), None, back, groups)
 
 
 def _rot180_swap(kernel, groups: int):
@@ -245,51 +193,3 @@ def _rot180_swap(kernel, groups: int):
     k = jnp.moveaxis(k, -3, -1)                                 # (*w, G, C_out/G, C_in/G)
     k = jnp.swapaxes(k, -3, -2)                                 # (*w, C_out/G, G, C_in/G)
     return k.reshape(*w, co // groups, groups * ci)
-
-
-def _conv_input_grad_gather(dz, kernel, x_shape, cfg: WindowConfig, groups: int):
-    """Gather form: ``dX = pad(dilate_s(dZ)) ⋆ rot180(K)ᵀ`` at stride 1, kernel dilation ``d``.
-
-    ``dilate_s`` inserts ``s - 1`` zeros between the entries of ``dZ``; ``pad`` uses
-    ``low = k_eff - 1 - lo``, ``high = k_eff - 1 - hi + r`` (``r`` the stride remainder),
-    negative values cropping. The convolution is the manual one (:func:`_conv_manual`, so
-    grad-of-grad again uses the hand-derived rule): backprop through a conv is a conv.
-    """
-    spatial = x_shape[1:-1]
-    dz_dil = _windows.pad(dz, ((0, 0),) * cfg.ndim, interior=tuple(s - 1 for s in cfg.stride))
-    back = WindowConfig(cfg.window, (1,) * cfg.ndim,
-                        _shapes.conv_input_grad_padding(spatial, cfg), cfg.dilation)
-    return _conv_manual(dz_dil, _rot180_swap(kernel, groups), None, back, groups)
-
-
-def _conv_input_grad_scatter(dz, kernel, x_shape, cfg: WindowConfig, groups: int):
-    """Scatter form of the same ``dX``: ``dX = Σ_m place_m(dZ · K_mᵀ)``.
-
-    Each output ``z_i`` received ``Σ_m Xpad[i s + m d] K_m``, so ``∂L/∂Xpad[p] =
-    Σ_{(i, m): i s + m d = p} dZ_i K_mᵀ``: compute ``dZ · K_mᵀ`` for every offset ``m`` (one
-    matrix product), put it back at positions ``i s + m d`` (:func:`_windows.overlap_add`,
-    which also crops the forward padding) and sum over ``m``. Substituting ``m' = k - 1 - m``
-    (rot180) and ``p = j + m' d - (k_eff - 1)`` shows that this is the gather form's full
-    convolution with the terms summed in the other order: for every ``p`` both sum
-    ``dZ_i K_mᵀ`` over the same pairs ``(i, m)``.
-
-    Half-precision ``dZ`` (float16 / bfloat16): the products and the overlap-add both run in
-    float32; the caller rounds ``dX`` once, at the end.
-    """
-    t = int(np.prod(cfg.window))
-    ci, co = kernel.shape[-2], kernel.shape[-1]
-    acc = _windows.accum_dtype(dz.dtype)
-    k = kernel.reshape(t, ci, groups, co // groups)             # (T, C_in/G, G, C_out/G)
-    d = dz.reshape(*dz.shape[:-1], groups, co // groups)        # (N, *out, G, C_out/G)
-    if groups == 1:     # one product dZ · [K_0 … K_T-1]ᵀ, then the slice of each offset
-        c = jnp.matmul(dz.reshape(-1, co), kernel.reshape(t * ci, co).T,
-                       preferred_element_type=acc)
-        c = lax.optimization_barrier(c.reshape(*dz.shape[:-1], t * ci))
-        contribs = [c[..., m * ci:(m + 1) * ci] for m in range(t)]
-    else:
-        contribs = [jnp.einsum("...go,cgo->...gc", d, k[m], preferred_element_type=acc)
-                    .reshape(*dz.shape[:-1], groups * ci) for m in range(t)]
-    return _windows.overlap_add(contribs, x_shape[1:-1], cfg)
-
-
-_conv_manual.defvjp(_conv_fwd, _conv_bwd)

@@ -1,0 +1,470 @@
+"""The manual convolution's three products, computed on the patch matrix one tile at a time.
+
+Let ``P`` be the patch ("im2col") matrix of a convolution: row ``i`` holds the window of output
+``i``, tap ``m`` and channel ``c`` at column ``(m, c)``, so that ``P[i, (m, c)] =
+Xpad[i * s + m * d, c]``. The lecture's three sums are three products with ``P``
+(``K`` flattened to ``(T · C_in, C_out)``, per group):
+
+- forward ``Z = X ⋆ K``: ``Z = P · K``;
+- kernel gradient ``dK = X ⋆ dZ``: ``dK = Pᵀ · dZ``;
+- input gradient ``dX``: ``dX = col2im(dZ · Kᵀ)``: column block ``m`` of ``dZ · Kᵀ`` is put
+  back at the positions ``i * s + m * d`` its tap read, and summed where windows overlap
+  (the scatter order of ``pad(dilate_s(dZ)) ⋆ rot180(K)``; see :mod:`jaxcnn.convolution`).
+
+``P`` is ``T`` times the size of the input, so it is never built whole. The output is cut
+into *tiles* (a few images, or a few output rows of one image) and the taps into *blocks*
+(see :class:`Plan`); the products run tile by tile and block by block in ``lax.fori_loop``s,
+each on a piece of ``P`` small enough to stay in cache. So the memory traffic is about one
+pass over the input and the output per product, the program holds one block of taps however
+large the window (compile time does not grow with ``T``), and the backward keeps only ``X``
+and ``K``. Where one tile covers the whole layer (the default off CPU, :mod:`jaxcnn._xla_cpu`)
+no loop is emitted. The choices (tile size, block size, product kind) are made in
+:func:`plan` from the layer's shapes alone, with the cost model written there.
+
+Shapes: ``x: (N, *spatial, C_in)``, ``kernel: (*window, C_in // groups, C_out)``, ``dz: (N,
+*out_spatial, C_out)``, all channels-last; the group of input channel ``c`` is ``c // (C_in //
+groups)``, as in ``lax.conv_general_dilated``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from . import _xla_cpu
+from ._shapes import WindowConfig, output_spatial
+from ._windows import accum_dtype, pad
+
+# The cost model's constants. They describe this kind of hardware, not any network: they were
+# read off the products themselves (benchmarks/ops.py and the measurements in the docstrings).
+BLOCK_WIDTH = 512
+"""Target contraction width ``taps · C_in / groups`` of one block's product: a float32 matrix
+product on XLA:CPU reaches most of its rate from a contraction of 64-128 and all of it by 512;
+wider blocks only make tiles smaller."""
+BLOCK_TAPS = 512
+"""At most this many taps per block (with one input channel the width alone would allow any
+number); it bounds the gather's index arrays. The program does not grow with the taps: a
+block's patch is one gather and its col2im one loop."""
+MATMUL_MIN_WIDTH = 8
+"""A per-group product is a matrix product when both its contraction (``taps · C_in / G``)
+and its output width (``C_out / G``) reach this; below it (depthwise and similar) the product
+runs as broadcast multiply-adds, since a matrix product with a handful of columns runs at a
+few percent of its rate (measured: 0.4-16 GFLOP/s for a contraction of 3, against 100-170 for
+64 and more) while a fused multiply-add loop is bound by memory either way."""
+
+
+class Plan(NamedTuple):
+    """How one convolution is cut into tiles of the output and blocks of taps.
+
+    A tile is ``n_tile`` images × ``r_tile`` output rows (rows of spatial dim 1); there are
+    ``n_tiles × r_tiles`` of them (the last ones padded with zeros). A block holds every tap of
+    the spatial dims after ``split``, ``chunk`` consecutive taps of dim ``split`` and one tap of
+    each dim before it; ``split == -1`` means a single block with every tap. ``product`` is
+    ``"matmul"`` or ``"elementwise"``.
+    """
+
+    n_tile: int
+    n_tiles: int
+    r_tile: int
+    r_tiles: int
+    split: int
+    chunk: int
+    n_chunks: int
+    product: str
+
+    @property
+    def tiles(self) -> int:
+        return self.n_tiles * self.r_tiles
+
+
+def plan(x_shape, k_shape, cfg: WindowConfig, groups: int, itemsize: int) -> Plan:
+    """Choose tiles, blocks and the product kind from the shapes (the cost model).
+
+    - Product: per group the layer is a product with contraction ``taps · C_in/G`` and width
+      ``C_out/G``; it runs as a matrix product when both reach :data:`MATMUL_MIN_WIDTH`, else
+      as broadcast multiply-adds.
+    - Blocks: trailing spatial dims are taken whole while the block's width ``taps · C_in/G``
+      stays within :data:`BLOCK_WIDTH` (and its taps within :data:`BLOCK_TAPS`); the next dim
+      is cut into the fewest balanced chunks that fit. A window that fits is one block.
+    - Tiles: as many whole images as keep one block's patch tile within
+      :func:`jaxcnn._xla_cpu.tile_bytes`; if one image is too large, as many output rows; tile
+      counts are balanced so padding wastes less than one tile.
+    """
+    n, c_in, c_out = x_shape[0], k_shape[-2], k_shape[-1]
+    window = cfg.window
+    width_in, width_out = math.prod(window) * c_in, c_out // groups
+    product = ("matmul" if min(width_in, width_out) >= MATMUL_MIN_WIDTH else "elementwise")
+    split, chunk, n_chunks = _blocks(window, c_in)
+    taps = chunk * math.prod(window[split + 1:]) if split >= 0 else math.prod(window)
+    out = output_spatial(x_shape[1:-1], cfg)
+    budget = _xla_cpu.tile_bytes()
+    position = taps * (c_in * groups if product == "matmul" else c_in * groups + c_out)
+    bytes_row = math.prod(out[1:]) * position * itemsize
+    if budget is None:
+        return Plan(n, 1, out[0], 1, split, chunk, n_chunks, product)
+    rows = max(1, budget // bytes_row)
+    if rows >= out[0]:
+        n_tiles = -(-n // max(1, rows // out[0]))
+        return Plan(-(-n // n_tiles), n_tiles, out[0], 1, split, chunk, n_chunks, product)
+    r_tiles = -(-out[0] // rows)
+    return Plan(1, n, -(-out[0] // r_tiles), r_tiles, split, chunk, n_chunks, product)
+
+
+def _blocks(window, c_in):
+    """``(split, chunk, n_chunks)`` of :class:`Plan` (see :func:`plan`)."""
+    inner = 1
+    for q in reversed(range(len(window))):
+        k = window[q]
+        if inner * k * c_in <= 2 * BLOCK_WIDTH and inner * k <= BLOCK_TAPS:
+            inner *= k      # a whole dim up to twice the target: cutting it would pad taps
+            continue
+        fit = max(1, min(BLOCK_WIDTH // (inner * c_in), BLOCK_TAPS // inner))
+        n_chunks = -(-k // fit)
+        return q, -(-k // n_chunks), n_chunks
+    return -1, 1, 1
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry: padded input, tiles, blocks, taps.
+
+
+class _Geometry(NamedTuple):
+    """Static sizes derived from a config and a plan."""
+
+    out: tuple            # output spatial sizes
+    window: tuple         # the window, dim ``split`` padded to n_chunks * chunk zero taps
+    block_window: tuple   # taps of one block per dim
+    tile_out: tuple       # (n_tile, r_tile, *out[1:]): one tile's output (batch and spatial)
+    region: tuple         # spatial size of one tile's input region (a multiple of the stride)
+    padded: tuple         # spatial size of the padded input (forward padding and any extra)
+
+
+def _geometry(x_shape, cfg: WindowConfig, p: Plan) -> _Geometry:
+    out = output_spatial(x_shape[1:-1], cfg)
+    window = tuple(p.n_chunks * p.chunk if q == p.split else k for q, k in enumerate(cfg.window))
+    block_window = tuple(1 if q < p.split else p.chunk if q == p.split else k
+                         for q, k in enumerate(cfg.window))
+    rows = (p.r_tile, *out[1:])
+    region = tuple(-(-((k - 1) * d + (r - 1) * s + 1) // s) * s for k, d, r, s in
+                   zip(window, cfg.dilation, rows, cfg.stride))
+    need = ((p.r_tiles - 1) * p.r_tile * cfg.stride[0] + region[0], *region[1:])
+    have = tuple(n + lo + hi for n, (lo, hi) in zip(x_shape[1:-1], cfg.padding))
+    padded = tuple(max(a, b) for a, b in zip(need, have))
+    return _Geometry(out, window, block_window, (p.n_tile, *rows), region, padded)
+
+
+def _pad_input(x, cfg: WindowConfig, p: Plan, g: _Geometry):
+    """``Xpad``: the forward padding, then zeros up to whole tiles and blocks (images, rows
+    and columns that only meet zero-padded taps or outputs that are cropped)."""
+    pads = tuple((lo, want - n - lo) for (lo, _), n, want in
+                 zip(cfg.padding, x.shape[1:-1], g.padded))
+    return _pad_batch(pad(x, pads), p.n_tiles * p.n_tile)
+
+
+def _pad_batch(a, n):
+    if a.shape[0] == n:
+        return a
+    return lax.pad(a, jnp.zeros((), a.dtype), [(0, n - a.shape[0], 0)] + [(0, 0, 0)] * (a.ndim - 1))
+
+
+def _tile_start(t, cfg: WindowConfig, p: Plan, *, rows_in_input: bool):
+    """Start (batch, then spatial dims) of tile ``t``, in the padded input when
+    ``rows_in_input``, else in the output."""
+    image, row = (t // p.r_tiles, t % p.r_tiles) if p.r_tiles > 1 else (t, 0)
+    row = row * p.r_tile * (cfg.stride[0] if rows_in_input else 1)
+    return (image * p.n_tile, row, *(0,) * (cfg.ndim - 1))
+
+
+def _region(xp, t, cfg: WindowConfig, p: Plan, g: _Geometry):
+    """Tile ``t``'s part of the padded input: ``(n_tile, *region, C)``."""
+    start = _tile_start(t, cfg, p, rows_in_input=True)
+    if p.tiles == 1 and g.region == xp.shape[1:-1]:
+        return xp
+    return lax.dynamic_slice(xp, _index((*start, 0)), (p.n_tile, *g.region, xp.shape[-1]))
+
+
+def _block_offset(j, cfg: WindowConfig, p: Plan):
+    """Spatial offset (in the region) of block ``j``'s first tap."""
+    if p.split < 0:
+        return (0,) * cfg.ndim
+    chunk, rest = j % p.n_chunks, j // p.n_chunks
+    offset = [0] * cfg.ndim
+    offset[p.split] = chunk * p.chunk * cfg.dilation[p.split]
+    for q in reversed(range(p.split)):
+        offset[q] = (rest % cfg.window[q]) * cfg.dilation[q]
+        rest = rest // cfg.window[q]
+    return tuple(offset)
+
+
+def _n_blocks(cfg: WindowConfig, p: Plan) -> int:
+    return p.n_chunks * math.prod(cfg.window[:max(p.split, 0)])
+
+
+def _spanned(cfg: WindowConfig, g: _Geometry) -> int:
+    """First spatial dim of the block's *spanned* suffix: the trailing dims with kernel
+    dilation 1, whose taps of one output are contiguous in the input, so that one gathered
+    slice covers all of them."""
+    q = cfg.ndim
+    while q > 0 and cfg.dilation[q - 1] == 1:
+        q -= 1
+    return q
+
+
+def _gather_starts(cfg: WindowConfig, g: _Geometry) -> np.ndarray:
+    """Start indices ``(n, *rows, *taps of the enumerated dims, 1 + nd)`` of :func:`_patch`'s
+    gather: image ``b``, then per spatial dim ``i * s`` (plus ``u * d`` for the block tap
+    ``u`` in the enumerated dims)."""
+    nd, (n, *rows) = cfg.ndim, g.tile_out
+    first = _spanned(cfg, g)
+    enum = [g.block_window[q] for q in range(first)]
+    grids = np.meshgrid(np.arange(n), *(np.arange(r) for r in rows),
+                        *(np.arange(k) for k in enum), indexing="ij")
+    starts = [grids[0]]
+    for q in range(nd):
+        index = grids[1 + q] * cfg.stride[q]
+        if q < first:
+            index = index + grids[1 + nd + q] * cfg.dilation[q]
+        starts.append(index)
+    return np.stack(starts, axis=-1).astype(np.int32)
+
+
+def _patch(region, offset, cfg: WindowConfig, g: _Geometry):
+    """The block's patch tile ``(M, taps, C_in)``: row ``i``, tap ``u`` holds
+    ``region[i * s + offset + u * d]``.
+
+    One ``lax.gather``, whatever the number of taps: each gathered slice is the whole window
+    extent of the trailing dims with kernel dilation 1 (contiguous in memory: for a 2-D kernel
+    without dilation, ``kh`` runs of ``kw · C_in`` numbers), and the taps of the other dims are
+    enumerated in the indices. XLA:CPU builds the tile several times faster this way than from
+    one strided slice per tap, and compiles it in constant time.
+    """
+    nd, first = cfg.ndim, _spanned(cfg, g)
+    starts = _gather_starts(cfg, g)
+    shift = jnp.asarray([0, *offset], jnp.int32) if not all(
+        isinstance(o, int) for o in offset) else np.asarray([0, *offset], np.int32)
+    spans = tuple((g.block_window[q] - 1) * cfg.dilation[q] + 1 for q in range(first, nd))
+    n_index = starts.ndim - 1
+    dnums = lax.GatherDimensionNumbers(
+        offset_dims=tuple(range(n_index, n_index + len(spans) + 1)),
+        collapsed_slice_dims=tuple(range(first + 1)),
+        start_index_map=tuple(range(nd + 1)))
+    patch = lax.gather(region, starts + shift, dnums,
+                       slice_sizes=(1, *(1,) * first, *spans, region.shape[-1]),
+                       mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+    rows, taps = math.prod(g.tile_out), math.prod(g.block_window)
+    return _xla_cpu.barrier(patch.reshape(rows, taps, region.shape[-1]))
+
+
+def _tap_offsets(cfg: WindowConfig, g: _Geometry) -> np.ndarray:
+    """``(taps, nd)``: offset ``u * d`` (within a block) of each of the block's taps."""
+    return np.array([[m * d for m, d in zip(ms, cfg.dilation)]
+                     for ms in itertools.product(*(range(k) for k in g.block_window))], np.int32)
+
+
+def _col2im(columns, region, offset, cfg: WindowConfig, g: _Geometry):
+    """Transpose of :func:`_patch`: ``region`` plus column block ``u`` of ``columns: (M, taps,
+    C_in)`` put back at tap ``u``'s positions ``i * s + offset + u * d``, summed where windows
+    overlap.
+
+    The region is viewed in *phase layout*: spatial dim ``q`` of size ``R`` (a multiple of the
+    stride) as ``(R / s, s)``, position ``p`` at ``(p // s, p % s)``. The positions ``i * s + o``
+    of one tap are then the dense block ``[o // s : o // s + rows, o % s]``, so each tap is one
+    in-place ``dynamic_update_slice`` of its own size, in a loop over the taps: no tap touches
+    the zeros between its strided positions.
+    """
+    nd, rows, n, c = cfg.ndim, g.tile_out[1:], region.shape[0], region.shape[-1]
+    phases = region.reshape(n, *(v for r, s in zip(region.shape[1:-1], cfg.stride)
+                                 for v in (r // s, s)), c)
+    block = (n, *(v for r in rows for v in (r, 1)), c)
+    taps = _tap_offsets(cfg, g)
+    stride = np.asarray(cfg.stride, np.int32)
+
+    def place(u, phases):
+        o = jnp.asarray(taps)[u] + jnp.asarray(offset, jnp.int32)
+        start = jnp.stack([o // stride, o % stride], axis=1).reshape(-1)
+        start = (0, *(start[i] for i in range(2 * nd)), 0)
+        column = lax.dynamic_index_in_dim(columns, u, axis=1, keepdims=False)
+        return _add_at(phases, column.reshape(block).astype(phases.dtype), start)
+
+    phases = lax.fori_loop(0, taps.shape[0], place, phases)
+    return phases.reshape(region.shape)
+
+
+def _add_at(a, b, start):
+    """``a`` with ``b`` added at ``start`` (every dim); in place inside a loop."""
+    start = _index(start)
+    return lax.dynamic_update_slice(a, lax.dynamic_slice(a, start, b.shape) + b, start)
+
+
+def _index(start):
+    """Start indices as int32 (lax wants one integer type; Python ints and loop counters
+    otherwise differ when x64 is on)."""
+    return tuple(jnp.asarray(v, jnp.int32) for v in start)
+
+
+def _loop(n: int, body, init):
+    """``fori_loop(0, n, body, init)``, or ``body(0, init)`` when there is one iteration."""
+    return body(0, init) if n == 1 else lax.fori_loop(0, n, body, init)
+
+
+def _kernel_blocks(kernel, cfg: WindowConfig, p: Plan, g: _Geometry, groups: int):
+    """``K`` as ``(n_blocks, taps per block, C_in/G, G, C_out/G)``, in block and tap order
+    (dim ``split`` zero-padded to whole chunks)."""
+    ci, co = kernel.shape[-2:]
+    if g.window != cfg.window:
+        kernel = jnp.pad(kernel, [(0, w - k) for w, k in zip(g.window, cfg.window)] + [(0, 0)] * 2)
+    if p.split >= 0:   # (*outer, n_chunks, chunk, *inner, ...): blocks, then taps in a block
+        kernel = kernel.reshape(*g.window[:p.split], p.n_chunks, p.chunk,
+                                *g.window[p.split + 1:], ci, co)
+    return kernel.reshape(-1, math.prod(g.block_window), ci, groups, co // groups)
+
+
+def _unblock_kernel(kb, k_shape, cfg: WindowConfig, g: _Geometry):
+    """Inverse of :func:`_kernel_blocks`, dropping the zero-padded taps."""
+    k = kb.reshape(*g.window, *k_shape[-2:])
+    return k[tuple(slice(0, w) for w in cfg.window)]
+
+
+# --------------------------------------------------------------------------------------------
+# The three products on one block of one tile. ``patch: (M, taps, C_in)``; ``kb``: the block's
+# kernel ``(taps, C_in/G, G, C_out/G)``; ``dz``: the tile's ``(M, G, C_out/G)``. Products
+# accumulate in ``acc`` (float32 for half precision).
+
+
+def _forward_block(patch, kb, p: Plan, acc):
+    """``P_block · K_block``: ``(M, G, C_out/G)``."""
+    m, taps, ci, groups, co = patch.shape[0], *kb.shape[:3], kb.shape[-1]
+    if p.product == "matmul" and groups == 1:
+        return jnp.matmul(patch.reshape(m, taps * ci), kb.reshape(taps * ci, co),
+                          preferred_element_type=acc)[:, None, :]
+    patch = patch.reshape(m, taps, groups, ci)
+    if p.product == "matmul":
+        return jnp.einsum("mtgc,tcgo->mgo", patch, kb, preferred_element_type=acc)
+    return _xla_cpu.barrier(sum(jnp.einsum("mgc,cgo->mgo", patch[:, u], kb[u],
+                                           preferred_element_type=acc) for u in range(taps)))
+
+
+def _kernel_grad_block(patch, dz, p: Plan, acc):
+    """``P_blockᵀ · dZ_tile``: ``(taps, C_in/G, G, C_out/G)``."""
+    m, taps, c_in = patch.shape
+    groups = dz.shape[1]
+    if p.product == "matmul" and groups == 1:
+        return jnp.matmul(patch.reshape(m, taps * c_in).T, dz[:, 0], preferred_element_type=acc
+                          ).reshape(taps, c_in, 1, -1)
+    patch = patch.reshape(m, taps, groups, c_in // groups)
+    return jnp.einsum("mtgc,mgo->tcgo", patch, dz, preferred_element_type=acc)
+
+
+def _input_grad_block(dz, kb, p: Plan, acc):
+    """``dZ_tile · K_blockᵀ`` as ``(M, taps, C_in)``: column block ``u`` is what flows back
+    through tap ``u``."""
+    m, (taps, ci, groups, co) = dz.shape[0], kb.shape
+    if p.product == "matmul" and groups == 1:
+        c = jnp.matmul(dz[:, 0], kb.reshape(taps * ci, co).T, preferred_element_type=acc)
+    else:
+        c = jnp.einsum("mgo,tcgo->mtgc", dz, kb, preferred_element_type=acc)
+    return _xla_cpu.barrier(c.reshape(m, taps, groups * ci))
+
+
+# --------------------------------------------------------------------------------------------
+# The three products over the whole layer.
+
+
+def correlate(x, kernel, cfg: WindowConfig, groups: int):
+    """``Z = X ⋆ K`` (no bias): ``(N, *out, C_out)`` in ``x``'s accumulation dtype."""
+    acc = accum_dtype(x.dtype)
+    p = plan(x.shape, kernel.shape, cfg, groups, x.dtype.itemsize)
+    g = _geometry(x.shape, cfg, p)
+    xp, kb = _pad_input(x, cfg, p, g), _kernel_blocks(kernel, cfg, p, g, groups)
+    co, n_blocks = kernel.shape[-1], _n_blocks(cfg, p)
+
+    def tile(t, z):
+        region = _region(xp, t, cfg, p, g)
+
+        def block(j, zt):
+            patch = _patch(region, _block_offset(j, cfg, p), cfg, g)
+            out = _forward_block(patch, _dynamic_index(kb, j), p, acc)
+            return out if zt is None else zt + out
+
+        zt = block(0, None) if n_blocks == 1 else lax.fori_loop(
+            0, n_blocks, block, jnp.zeros((math.prod(g.tile_out), groups, co // groups), acc))
+        zt = zt.reshape(*g.tile_out, co)
+        if p.tiles == 1:
+            return zt
+        return lax.dynamic_update_slice(z, zt, _index((*_tile_start(t, cfg, p, rows_in_input=False), 0)))
+
+    z = None if p.tiles == 1 else jnp.zeros((p.n_tiles * p.n_tile, p.r_tiles * p.r_tile,
+                                             *g.out[1:], co), acc)
+    z = _loop(p.tiles, tile, z)
+    return z[:x.shape[0], :g.out[0]]
+
+
+def _dynamic_index(a, j):
+    return a[j] if isinstance(j, int) else lax.dynamic_index_in_dim(a, j, keepdims=False)
+
+
+def _pad_dz(dz, p: Plan):
+    """``dZ`` with zero images and rows up to whole tiles."""
+    dz = _pad_batch(dz, p.n_tiles * p.n_tile)
+    rows = p.r_tiles * p.r_tile - dz.shape[1]
+    return pad(dz, ((0, rows),) + ((0, 0),) * (dz.ndim - 3)) if rows else dz
+
+
+def _tile_dz(dz, t, cfg: WindowConfig, p: Plan, g: _Geometry, groups: int):
+    """Tile ``t`` of the tile-padded ``dZ`` as ``(M, G, C_out/G)``."""
+    if p.tiles > 1:
+        start = (*_tile_start(t, cfg, p, rows_in_input=False), 0)
+        dz = lax.dynamic_slice(dz, _index(start), (*g.tile_out, dz.shape[-1]))
+    return dz.reshape(-1, groups, dz.shape[-1] // groups)
+
+
+def kernel_grad(x, dz, k_shape, cfg: WindowConfig, groups: int):
+    """``dK = X ⋆ dZ`` (``= Pᵀ · dZ``) in ``x``'s accumulation dtype, shaped ``k_shape``."""
+    acc = accum_dtype(x.dtype)
+    p = plan(x.shape, k_shape, cfg, groups, x.dtype.itemsize)
+    g = _geometry(x.shape, cfg, p)
+    xp, dzp = _pad_input(x, cfg, p, g), _pad_dz(dz, p)
+    n_blocks, taps, (ci, co) = _n_blocks(cfg, p), math.prod(g.block_window), k_shape[-2:]
+
+    def tile(t, dk):
+        region, dzt = _region(xp, t, cfg, p, g), _tile_dz(dzp, t, cfg, p, g, groups)
+
+        def block(j, dk):
+            dkj = _kernel_grad_block(_patch(region, _block_offset(j, cfg, p), cfg, g), dzt, p, acc)
+            return _add_at(dk, dkj[None], (j, 0, 0, 0, 0))
+
+        return _loop(n_blocks, block, dk)
+
+    dk = jnp.zeros((n_blocks, taps, ci, groups, co // groups), acc)
+    return _unblock_kernel(_loop(p.tiles, tile, dk), k_shape, cfg, g)
+
+
+def input_grad(dz, kernel, x_shape, cfg: WindowConfig, groups: int):
+    """``dX = col2im(dZ · Kᵀ)`` in ``dz``'s accumulation dtype, shaped ``x_shape``."""
+    acc = accum_dtype(dz.dtype)
+    p = plan(x_shape, kernel.shape, cfg, groups, np.dtype(dz.dtype).itemsize)
+    g = _geometry(x_shape, cfg, p)
+    kb, dzp = _kernel_blocks(kernel, cfg, p, g, groups), _pad_dz(dz, p)
+    ci, n_blocks = x_shape[-1], _n_blocks(cfg, p)
+
+    def tile(t, dxp):
+        dzt = _tile_dz(dzp, t, cfg, p, g, groups)
+
+        def block(j, region):
+            columns = _input_grad_block(dzt, _dynamic_index(kb, j), p, acc)
+            return _col2im(columns, region, _block_offset(j, cfg, p), cfg, g)
+
+        region = _loop(n_blocks, block, jnp.zeros((p.n_tile, *g.region, ci), acc))
+        if p.tiles == 1 and g.region == g.padded:
+            return region
+        return _add_at(dxp, region, (*_tile_start(t, cfg, p, rows_in_input=True), 0))
+
+    dxp = jnp.zeros((p.n_tiles * p.n_tile, *g.padded, ci), acc)
+    dxp = _loop(p.tiles, tile, dxp)
+    crop = tuple(slice(lo, lo + n) for (lo, _), n in zip(cfg.padding, x_shape[1:-1]))
+    return dxp[(slice(0, x_shape[0]), *crop)]
