@@ -42,14 +42,16 @@ from ._windows import accum_dtype, pad
 
 # The cost model's constants. They describe this kind of hardware, not any network: they were
 # read off the products themselves (benchmarks/ops.py and the measurements in the docstrings).
-BLOCK_WIDTH = 512
-"""Target contraction width ``taps · C_in / groups`` of one block's product: a float32 matrix
-product on XLA:CPU reaches most of its rate from a contraction of 64-128 and all of it by 512;
-wider blocks only make tiles smaller."""
-BLOCK_TAPS = 512
-"""At most this many taps per block (with one input channel the width alone would allow any
-number); it bounds the gather's index arrays. The program does not grow with the taps: a
-block's patch is one gather and its col2im one loop."""
+BLOCK_WIDTH = 256
+"""Target contraction width ``taps · C_in / G`` of one block's product. Window rows are kept
+whole (a row is one contiguous run of the input, gathered fast); rows are grouped into a block
+while the block stays within this width, so a block is one row when a row is already this
+wide (measured on XLA:CPU: one gather and one product per kernel row beat one wide product
+for 3x3 and 7x7 kernels with 16 and more channels, by 1.3-2x, while thin rows such as 5 taps
+of 6 channels are better grouped)."""
+ROW_WIDTH = 2048
+"""A single window row wider than this (a long 1-D kernel) is cut into chunks of taps: wider
+contractions gain nothing and the patch tile would hold few output positions."""
 MATMUL_MIN_WIDTH = 8
 """A per-group product is a matrix product when both its contraction (``taps · C_in / G``)
 and its output width (``C_out / G``) reach this; below it (depthwise and similar) the product
@@ -88,9 +90,8 @@ def plan(x_shape, k_shape, cfg: WindowConfig, groups: int, itemsize: int) -> Pla
     - Product: per group the layer is a product with contraction ``taps · C_in/G`` and width
       ``C_out/G``; it runs as a matrix product when both reach :data:`MATMUL_MIN_WIDTH`, else
       as broadcast multiply-adds.
-    - Blocks: trailing spatial dims are taken whole while the block's width ``taps · C_in/G``
-      stays within :data:`BLOCK_WIDTH` (and its taps within :data:`BLOCK_TAPS`); the next dim
-      is cut into the fewest balanced chunks that fit. A window that fits is one block.
+    - Blocks: whole window rows, grouped while the block's width ``taps · C_in/G`` stays
+      within :data:`BLOCK_WIDTH` (see :func:`_blocks`). A window that fits is one block.
     - Tiles: as many whole images as keep one block's patch tile within
       :func:`jaxcnn._xla_cpu.tile_bytes`; if one image is too large, as many output rows; tile
       counts are balanced so padding wastes less than one tile.
@@ -116,16 +117,25 @@ def plan(x_shape, k_shape, cfg: WindowConfig, groups: int, itemsize: int) -> Pla
 
 
 def _blocks(window, c_in):
-    """``(split, chunk, n_chunks)`` of :class:`Plan` (see :func:`plan`)."""
-    inner = 1
-    for q in reversed(range(len(window))):
+    """``(split, chunk, n_chunks)`` of :class:`Plan` (see :func:`plan`).
+
+    The last dim is cut only when one row is wider than :data:`ROW_WIDTH`; going outwards, a
+    dim is taken whole while the block stays within :data:`BLOCK_WIDTH`, else cut into chunks
+    of the rows that fit. Chunk sizes divide the dim where a divisor at least half as large
+    as the fit exists; otherwise the chunks are balanced and the last one padded with zero
+    taps (waste below one tap per chunk).
+    """
+    inner, nd = 1, len(window)
+    for q in reversed(range(nd)):
         k = window[q]
-        if inner * k * c_in <= 2 * BLOCK_WIDTH and inner * k <= BLOCK_TAPS:
-            inner *= k      # a whole dim up to twice the target: cutting it would pad taps
+        limit = ROW_WIDTH if q == nd - 1 else BLOCK_WIDTH
+        if inner * k * c_in <= limit:
+            inner *= k
             continue
-        fit = max(1, min(BLOCK_WIDTH // (inner * c_in), BLOCK_TAPS // inner))
-        n_chunks = -(-k // fit)
-        return q, -(-k // n_chunks), n_chunks
+        fit = max(1, limit // (inner * c_in))
+        divisors = [d for d in range(1, fit + 1) if k % d == 0 and 2 * d >= fit]
+        chunk = max(divisors) if divisors else -(-k // -(-k // fit))
+        return q, chunk, -(-k // chunk)
     return -1, 1, 1
 
 
@@ -180,14 +190,6 @@ def _tile_start(t, cfg: WindowConfig, p: Plan, *, rows_in_input: bool):
     return (image * p.n_tile, row, *(0,) * (cfg.ndim - 1))
 
 
-def _region(xp, t, cfg: WindowConfig, p: Plan, g: _Geometry):
-    """Tile ``t``'s part of the padded input: ``(n_tile, *region, C)``."""
-    start = _tile_start(t, cfg, p, rows_in_input=True)
-    if p.tiles == 1 and g.region == xp.shape[1:-1]:
-        return xp
-    return lax.dynamic_slice(xp, _index((*start, 0)), (p.n_tile, *g.region, xp.shape[-1]))
-
-
 def _block_offset(j, cfg: WindowConfig, p: Plan):
     """Spatial offset (in the region) of block ``j``'s first tap."""
     if p.split < 0:
@@ -215,12 +217,12 @@ def _spanned(cfg: WindowConfig, g: _Geometry) -> int:
     return q
 
 
-def _gather_starts(cfg: WindowConfig, g: _Geometry) -> np.ndarray:
-    """Start indices ``(n, *rows, *taps of the enumerated dims, 1 + nd)`` of :func:`_patch`'s
-    gather: image ``b``, then per spatial dim ``i * s`` (plus ``u * d`` for the block tap
-    ``u`` in the enumerated dims)."""
+def _gather_starts(cfg: WindowConfig, g: _Geometry, first: int, c_in: int) -> np.ndarray:
+    """Start indices ``(M, *taps of the enumerated dims, nd + 1)`` of :func:`_patch`'s gather
+    into the merged view: row ``b · rows + i`` (image ``b``, output ``i``), then per spatial
+    dim ``i * s`` (plus ``u * d`` for the block tap ``u`` of an enumerated dim ``q < first``);
+    the last spatial dim is counted in numbers, ``C_in`` per position."""
     nd, (n, *rows) = cfg.ndim, g.tile_out
-    first = _spanned(cfg, g)
     enum = [g.block_window[q] for q in range(first)]
     grids = np.meshgrid(np.arange(n), *(np.arange(r) for r in rows),
                         *(np.arange(k) for k in enum), indexing="ij")
@@ -230,34 +232,43 @@ def _gather_starts(cfg: WindowConfig, g: _Geometry) -> np.ndarray:
         if q < first:
             index = index + grids[1 + nd + q] * cfg.dilation[q]
         starts.append(index)
-    return np.stack(starts, axis=-1).astype(np.int32)
+    starts = np.stack(starts, axis=-1).astype(np.int32)
+    starts[..., -1] *= c_in
+    return starts.reshape(-1, *enum, nd + 1)
 
 
-def _patch(region, offset, cfg: WindowConfig, g: _Geometry):
-    """The block's patch tile ``(M, taps, C_in)``: row ``i``, tap ``u`` holds
-    ``region[i * s + offset + u * d]``.
+def _patch(xp, t, j, cfg: WindowConfig, p: Plan, g: _Geometry):
+    """Block ``j``'s patch for tile ``t``, ``(M, taps · C_in)``: row ``i``, tap ``u`` holds
+    ``Xpad[tile_t + i * s + offset_j + u * d]``, taps in row-major order.
 
-    One ``lax.gather``, whatever the number of taps: each gathered slice is the whole window
-    extent of the trailing dims with kernel dilation 1 (contiguous in memory: for a 2-D kernel
-    without dilation, ``kh`` runs of ``kw · C_in`` numbers), and the taps of the other dims are
-    enumerated in the indices. XLA:CPU builds the tile several times faster this way than from
-    one strided slice per tap, and compiles it in constant time.
+    One ``lax.gather`` straight from the padded input, whatever the number of taps, with the
+    input viewed with its last spatial dim and channels merged (``(N, ..., W · C_in)``, a free
+    reshape). Each gathered slice is a contiguous run: for a window without kernel dilation,
+    ``kw · C_in`` numbers per window row, and the rows of the trailing dims without dilation
+    are spanned by the slice; taps of dims with dilation are enumerated in the indices. The
+    tile's and block's offsets are added to constant start indices. Measured on XLA:CPU: long
+    runs gather about 2x faster than ``C_in``-long ones, and gathering from the input itself
+    runs 2-3x faster than cutting the tile or block out first (XLA fuses the cut into the
+    gather and then computes every element's address on its own).
     """
     nd, first = cfg.ndim, _spanned(cfg, g)
-    starts = _gather_starts(cfg, g)
-    shift = jnp.asarray([0, *offset], jnp.int32) if not all(
-        isinstance(o, int) for o in offset) else np.asarray([0, *offset], np.int32)
-    spans = tuple((g.block_window[q] - 1) * cfg.dilation[q] + 1 for q in range(first, nd))
+    n, c = xp.shape[0], xp.shape[-1]
+    view = xp.reshape(n, *xp.shape[1:-2], xp.shape[-2] * c)
+    shift = jnp.asarray([*_tile_start(t, cfg, p, rows_in_input=True)], jnp.int32) + \
+        jnp.asarray([0, *_block_offset(j, cfg, p)], jnp.int32)
+    starts = _gather_starts(cfg, g, first, c) + shift * np.asarray([1] * nd + [c], np.int32)
+    spans = [(g.block_window[q] - 1) * cfg.dilation[q] + 1 if q >= first else 1
+             for q in range(nd)]
+    spans[-1] *= c
+    kept = [q for q in range(nd) if spans[q] != 1]
     n_index = starts.ndim - 1
     dnums = lax.GatherDimensionNumbers(
-        offset_dims=tuple(range(n_index, n_index + len(spans) + 1)),
-        collapsed_slice_dims=tuple(range(first + 1)),
+        offset_dims=tuple(range(n_index, n_index + len(kept))),
+        collapsed_slice_dims=(0, *(q + 1 for q in range(nd) if spans[q] == 1)),
         start_index_map=tuple(range(nd + 1)))
-    patch = lax.gather(region, starts + shift, dnums,
-                       slice_sizes=(1, *(1,) * first, *spans, region.shape[-1]),
+    patch = lax.gather(view, starts, dnums, slice_sizes=(1, *spans),
                        mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
-    rows, taps = math.prod(g.tile_out), math.prod(g.block_window)
-    return _xla_cpu.barrier(patch.reshape(rows, taps, region.shape[-1]))
+    return patch.reshape(patch.shape[0], -1)
 
 
 def _tap_offsets(cfg: WindowConfig, g: _Geometry) -> np.ndarray:
@@ -340,8 +351,7 @@ def _forward_block(patch, kb, p: Plan, acc):
     """``P_block · K_block``: ``(M, G, C_out/G)``."""
     m, taps, ci, groups, co = patch.shape[0], *kb.shape[:3], kb.shape[-1]
     if p.product == "matmul" and groups == 1:
-        return jnp.matmul(patch.reshape(m, taps * ci), kb.reshape(taps * ci, co),
-                          preferred_element_type=acc)[:, None, :]
+        return jnp.matmul(patch, kb.reshape(taps * ci, co), preferred_element_type=acc)[:, None, :]
     patch = patch.reshape(m, taps, groups, ci)
     if p.product == "matmul":
         return jnp.einsum("mtgc,tcgo->mgo", patch, kb, preferred_element_type=acc)
@@ -349,13 +359,12 @@ def _forward_block(patch, kb, p: Plan, acc):
                                            preferred_element_type=acc) for u in range(taps)))
 
 
-def _kernel_grad_block(patch, dz, p: Plan, acc):
+def _kernel_grad_block(patch, dz, taps, p: Plan, acc):
     """``P_blockᵀ · dZ_tile``: ``(taps, C_in/G, G, C_out/G)``."""
-    m, taps, c_in = patch.shape
-    groups = dz.shape[1]
+    m, groups = patch.shape[0], dz.shape[1]
+    c_in = patch.shape[1] // taps
     if p.product == "matmul" and groups == 1:
-        return jnp.matmul(patch.reshape(m, taps * c_in).T, dz[:, 0], preferred_element_type=acc
-                          ).reshape(taps, c_in, 1, -1)
+        return jnp.matmul(patch.T, dz[:, 0], preferred_element_type=acc).reshape(taps, c_in, 1, -1)
     patch = patch.reshape(m, taps, groups, c_in // groups)
     return jnp.einsum("mtgc,mgo->tcgo", patch, dz, preferred_element_type=acc)
 
@@ -384,10 +393,8 @@ def correlate(x, kernel, cfg: WindowConfig, groups: int):
     co, n_blocks = kernel.shape[-1], _n_blocks(cfg, p)
 
     def tile(t, z):
-        region = _region(xp, t, cfg, p, g)
-
         def block(j, zt):
-            patch = _patch(region, _block_offset(j, cfg, p), cfg, g)
+            patch = _patch(xp, t, j, cfg, p, g)
             out = _forward_block(patch, _dynamic_index(kb, j), p, acc)
             return out if zt is None else zt + out
 
@@ -432,10 +439,11 @@ def kernel_grad(x, dz, k_shape, cfg: WindowConfig, groups: int):
     n_blocks, taps, (ci, co) = _n_blocks(cfg, p), math.prod(g.block_window), k_shape[-2:]
 
     def tile(t, dk):
-        region, dzt = _region(xp, t, cfg, p, g), _tile_dz(dzp, t, cfg, p, g, groups)
+        dzt = _tile_dz(dzp, t, cfg, p, g, groups)
 
         def block(j, dk):
-            dkj = _kernel_grad_block(_patch(region, _block_offset(j, cfg, p), cfg, g), dzt, p, acc)
+            dkj = _kernel_grad_block(_patch(xp, t, j, cfg, p, g), dzt, taps,
+                                     p, acc)
             return _add_at(dk, dkj[None], (j, 0, 0, 0, 0))
 
         return _loop(n_blocks, block, dk)

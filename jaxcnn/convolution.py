@@ -132,18 +132,19 @@ def _conv_bwd(cfg: WindowConfig, groups: int, res, dz):
       through ``X`` in jumps of ``s`` (``dZ`` acts as a kernel dilated by ``s``); the
       stride-remainder rows the forward dropped are never read. Per group.
     - ``dB = Σ_{n,i} dZ[n, i]``.
-    - ``dX``, in the scatter order that runs here: ``dX = col2im(dZ · Kᵀ)``. Output ``z_i``
-      received ``Σ_m Xpad[i s + m d] K_m``, so ``∂L/∂Xpad[p] = Σ_{(i, m): i s + m d = p}
-      dZ_i K_mᵀ``: one product ``dZ · Kᵀ`` gives every ``dZ_i K_mᵀ``, column block ``m`` is put
-      back at the positions ``i s + m d`` that tap ``m`` read and summed where windows
-      overlap, and the forward padding is cropped away (:func:`jaxcnn._patches.input_grad`).
-      The lecture's gather order is the same sum: ``dX = pad(dilate_s(dZ)) ⋆ rot180(K)ᵀ``,
-      the full convolution of the zero-padded, stride-dilated ``dZ`` with the kernel rotated by
-      180° and its in/out channels swapped per group (substitute ``m' = k - 1 - m`` and
-      ``p = j + m' d - (k_eff - 1)``: for every ``p`` both sum ``dZ_i K_mᵀ`` over the same
-      pairs). It is :func:`_conv_input_grad_gather`, kept as the lecture's reference and
-      tested equal; the scatter order skips the ``s - 1`` zeros of every dilated row, so the
-      product costs no more than the forward's at any stride.
+    - ``dX``: the lecture's ``dX = pad(dilate_s(dZ)) ⋆ rot180(K)ᵀ``, the full convolution of
+      the zero-padded, stride-dilated ``dZ`` with the kernel rotated by 180° and its in/out
+      channels swapped per group (:func:`_conv_input_grad_gather`; paddings from
+      :func:`jaxcnn._shapes.conv_input_grad_padding`). That is what runs when every stride is
+      1: backprop through a convolution is a convolution, on the same engine as the forward.
+      With a stride the dilated ``dZ`` is mostly zeros, so the same sum runs in the scatter
+      order instead: output ``z_i`` received ``Σ_m Xpad[i s + m d] K_m``, so ``∂L/∂Xpad[p] =
+      Σ_{(i, m): i s + m d = p} dZ_i K_mᵀ``: one product ``dZ · Kᵀ`` gives every
+      ``dZ_i K_mᵀ``, column block ``m`` is put back at the positions ``i s + m d`` that tap
+      ``m`` read, summed where windows overlap, and the forward padding is cropped away
+      (``dX = col2im(dZ · Kᵀ)``, :func:`_conv_input_grad_scatter`). Substituting
+      ``m' = k - 1 - m`` and ``p = j + m' d - (k_eff - 1)`` shows that both orders sum
+      ``dZ_i K_mᵀ`` over the same pairs for every ``p``; the tests check both at every stride.
 
     Each product accumulates in float32 for half precision and is rounded once.
     """
@@ -153,11 +154,20 @@ def _conv_bwd(cfg: WindowConfig, groups: int, res, dz):
     db = None
     if has_bias:
         db = jnp.sum(dz, axis=tuple(range(dz.ndim - 1)), dtype=_windows.accum_dtype(dz.dtype))
-    dx = _conv_input_grad_scatter(dz, kernel, x.shape, cfg, groups)
+    dx = _conv_input_grad(dz, kernel, x.shape, cfg, groups)
     return dx.astype(x.dtype), dk.astype(kernel.dtype), None if db is None else db.astype(dz.dtype)
 
 
 _conv_manual.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _conv_input_grad(dz, kernel, x_shape, cfg: WindowConfig, groups: int):
+    """``dX``, in the order that costs no more than the forward (see :func:`_conv_bwd`): the
+    lecture's gather order when every stride is 1 (then nothing is dilated), the scatter order
+    otherwise (the gather order would multiply the ``s - 1`` zeros between dilated rows)."""
+    if all(s == 1 for s in cfg.stride):
+        return _conv_input_grad_gather(dz, kernel, x_shape, cfg, groups)
+    return _conv_input_grad_scatter(dz, kernel, x_shape, cfg, groups)
 
 
 def _conv_input_grad_scatter(dz, kernel, x_shape, cfg: WindowConfig, groups: int):
