@@ -6,7 +6,7 @@ Every op takes ``impl="lax"`` (lax primitives, JAX's autodiff: the reference) or
 
 from . import models, nn
 from .check import check_vjp
-from .convolution import conv
+from .convolution import conv, conv_transpose
 from .activations import log_softmax, relu
 from .linear import dense, flatten
 from .losses import cross_entropy
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "conv",
+    "conv_transpose",
     "max_pool",
     "avg_pool",
     "dense",

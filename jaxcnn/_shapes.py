@@ -268,6 +268,92 @@ def conv_config(x_shape, k_shape, b_shape, *, stride, padding, dilation, groups,
     return cfg
 
 
+def conv_transpose_config(y_shape, k_shape, b_shape, *, stride, padding, dilation, groups,
+                          output_padding, fn: str = "conv_transpose"):
+    """Validate ``conv_transpose``'s arguments; return ``(cfg, x_shape)``.
+
+    ``cfg`` is the :class:`WindowConfig` of the convolution being transposed, the one that maps
+    the result ``x: x_shape`` back to ``y``; ``kernel: (*window, C_x // groups, C_y)`` is that
+    convolution's kernel. Each spatial size of the result, by the output-size rule read
+    backwards:
+
+        n = (o - 1) * s - lo - hi + k_eff + output_padding        (explicit padding)
+        n = o * s                                                  ("SAME")
+
+    ``output_padding`` (``0 <= output_padding < max(stride, dilation)``, as in PyTorch) picks
+    one of the ``s`` input sizes that a strided convolution maps to the same ``o``.
+    """
+    nd = len(k_shape) - 2
+    if nd not in (1, 2, 3):
+        raise ValueError(
+            f"{fn}: kernel must have rank 3, 4 or 5, (*window, C_out // groups, C_in) for 1, 2 "
+            f"or 3 spatial dims; got kernel shape {_fmt_shape(k_shape)} (rank {len(k_shape)})"
+        )
+    if len(y_shape) != nd + 2:
+        raise ValueError(
+            f"{fn}: y must have rank {nd + 2}, (N, *spatial, C_in) with {nd} spatial dims as "
+            f"the kernel has; got y shape {_fmt_shape(y_shape)} (rank {len(y_shape)}) and "
+            f"kernel shape {_fmt_shape(k_shape)}"
+        )
+    groups = check_int(fn, "groups", groups, minimum=1)
+    if y_shape[-1] != k_shape[-1]:
+        raise ValueError(
+            f"{fn}: y channels (y.shape[-1]={y_shape[-1]}) must equal the kernel's last dim "
+            f"(kernel.shape[-1]={k_shape[-1]}): the kernel is the (*window, C_out // groups, "
+            f"C_in) kernel of the convolution that maps the result back to y; y has shape "
+            f"{_fmt_shape(y_shape)}, kernel {_fmt_shape(k_shape)}"
+        )
+    if k_shape[-1] % groups:
+        raise ValueError(
+            f"{fn}: groups ({groups}) must divide the y channels (y.shape[-1]={y_shape[-1]})"
+        )
+    c_x = k_shape[-2] * groups
+    if b_shape is not None and tuple(b_shape) != (c_x,):
+        raise ValueError(
+            f"{fn}: bias must have shape (C_out,) = ({c_x},) (kernel.shape[-2] times groups); "
+            f"got bias shape {_fmt_shape(b_shape)}"
+        )
+    window = tuple(int(k) for k in k_shape[:nd])
+    stride_t = to_tuple(fn, "stride", stride, nd)
+    dilation_t = to_tuple(fn, "dilation", dilation, nd)
+    out_pad = to_tuple(fn, "output_padding", output_padding, nd, minimum=0)
+    for op, s, d in zip(out_pad, stride_t, dilation_t):
+        if op >= max(s, d):
+            raise ValueError(
+                f"{fn}: output_padding must be smaller than the stride or the dilation in every "
+                f"dim (it picks one of the stride's input sizes); got output_padding "
+                f"{out_pad}, stride {stride_t}, dilation {dilation_t}"
+            )
+    eff = tuple((k - 1) * d + 1 for k, d in zip(window, dilation_t))
+    o = tuple(int(v) for v in y_shape[1:-1])
+    if isinstance(padding, str) and padding.upper() == "SAME":
+        if any(out_pad):
+            raise ValueError(f"{fn}: output_padding must be 0 with padding 'SAME' (the result "
+                             f"has size in * stride); got {out_pad}")
+        spatial = tuple(v * s for v, s in zip(o, stride_t))
+        pads = resolve_padding(fn, "SAME", spatial, eff, stride_t)
+    else:
+        pads = resolve_padding(fn, padding, o, eff, stride_t)
+        spatial = tuple((v - 1) * s - lo - hi + k + op for v, s, (lo, hi), k, op in
+                        zip(o, stride_t, pads, eff, out_pad))
+    if any(n < 1 for n in spatial):
+        raise ValueError(
+            f"{fn}: the result would have spatial size {spatial}: the padding {pads} is larger "
+            f"than what the window and stride cover; y has shape {_fmt_shape(y_shape)}, "
+            f"kernel {_fmt_shape(k_shape)}, stride {stride_t}"
+        )
+    cfg = WindowConfig(window, stride_t, pads, dilation_t)
+    return cfg, (int(y_shape[0]), *spatial, c_x)
+
+
+def transpose_extra_rows(y_shape, x_shape, cfg: WindowConfig) -> tuple[int, ...]:
+    """Rows the convolution of ``x_shape`` has beyond ``y``'s, per spatial dim: nonzero only
+    when ``output_padding >= stride`` (allowed below the dilation, as in PyTorch), where the
+    extra result rows are ones no entry of ``y`` reaches. ``conv_transpose`` then transposes
+    the convolution followed by cropping its output to ``y``'s size."""
+    return tuple(o - n for o, n in zip(output_spatial(x_shape[1:-1], cfg), y_shape[1:-1]))
+
+
 def pool_config(x_shape, window, *, stride, padding, fn: str) -> WindowConfig:
     """Validate a pooling op's arguments. ``stride=None`` means stride = window."""
     if isinstance(window, (list, tuple)):

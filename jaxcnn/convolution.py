@@ -203,3 +203,126 @@ def _rot180_swap(kernel, groups: int):
     k = jnp.moveaxis(k, -3, -1)                                 # (*w, G, C_out/G, C_in/G)
     k = jnp.swapaxes(k, -3, -2)                                 # (*w, C_out/G, G, C_in/G)
     return k.reshape(*w, co // groups, groups * ci)
+
+
+# ============================================================================================
+# conv_transpose: X = A_Kᵀ Y, the exact adjoint of conv in its input.
+
+
+def conv_transpose(y, kernel, bias=None, *, stride=1, padding="VALID", dilation=1, groups=1,
+                   output_padding=0, impl="lax"):
+    """Transposed convolution: the adjoint of :func:`conv` in its input, channels-last.
+
+    ``kernel`` is the very array :func:`conv` would use to map the result back to ``y``, with
+    the same ``stride``, ``padding``, ``dilation`` and ``groups``: for every ``x`` and ``y``,
+    ``⟨conv(x, K), y⟩ = ⟨x, conv_transpose(y, K)⟩`` (``x`` of the result's shape). This is
+    PyTorch's ``ConvTranspose`` (whose ``padding`` is the padding of the convolution it
+    transposes) and the gradient of a convolution with respect to its input.
+
+    Args:
+      y: ``(N, *spatial, C_in)``, 1, 2 or 3 spatial dims; ``C_in = kernel.shape[-1]``.
+      kernel: ``(*window, C_out // groups, C_in)``: the kernel of the convolution from the
+        result (``C_out`` channels) to ``y``.
+      bias: ``(C_out,)`` or None.
+      stride, dilation, groups: those of the convolution being transposed.
+      padding: that convolution's padding: ``"VALID"``, an int, ``(low, high)`` pairs, or
+        ``"SAME"`` (the result has spatial size ``in * stride``).
+      output_padding: an int or one per spatial dim, ``0 <= output_padding < max(stride,
+        dilation)``: extra rows at the end of the result, choosing among the input sizes that a
+        strided convolution maps to the same output size (as in PyTorch).
+      impl: ``"lax"`` (the transpose of ``lax.conv_general_dilated`` derived by
+        ``jax.linear_transpose``, JAX's autodiff) or ``"manual"`` (the lecture's ``dX``
+        formula as the forward, :func:`_conv_transpose_bwd` as the backward).
+
+    Returns:
+      ``(N, *out_spatial, C_out)`` with ``out = (in - 1) * s - lo - hi + k_eff +
+      output_padding`` (:func:`jaxcnn._shapes.conv_transpose_config`).
+
+    Padding modes other than zeros do not apply: the transpose of reflect/replicate/circular
+    padding would fold values back onto the border, which no framework's transposed
+    convolution does (PyTorch's ``ConvTranspose`` accepts only ``padding_mode="zeros"``).
+    """
+    fn = "conv_transpose"
+    impl = _shapes.check_impl(fn, impl)
+    y_shape = _shapes.check_array(fn, "y", y)
+    k_shape = _shapes.check_array(fn, "kernel", kernel)
+    b_shape = None if bias is None else _shapes.check_array(fn, "bias", bias)
+    cfg, x_shape = _shapes.conv_transpose_config(
+        y_shape, k_shape, b_shape, stride=stride, padding=padding, dilation=dilation,
+        groups=groups, output_padding=output_padding)
+    return _conv_transpose_jit(y, kernel, bias, cfg=cfg, groups=int(groups), x_shape=x_shape,
+                               impl=impl)
+
+
+@partial(jax.jit, static_argnames=("cfg", "groups", "x_shape", "impl"))
+def _conv_transpose_jit(y, kernel, bias, *, cfg, groups, x_shape, impl):
+    dtype = jnp.result_type(y, kernel, *(() if bias is None else (bias,)))
+    y, kernel = y.astype(dtype), kernel.astype(dtype)
+    bias = None if bias is None else bias.astype(dtype)
+    if impl == "lax":
+        return _conv_transpose_lax(y, kernel, bias, cfg, groups, x_shape)
+    return _windows.layer_boundary(_conv_transpose_manual, y, kernel, bias, cfg, groups, x_shape)
+
+
+def _conv_transpose_lax(y, kernel, bias, cfg: WindowConfig, groups: int, x_shape):
+    """``A_Kᵀ Y`` as JAX derives it: the linear transpose of the lax convolution (a
+    ``conv_general_dilated`` with input dilation), differentiated by JAX's autodiff."""
+    acc = _windows.accum_dtype(y.dtype)
+    x_spec = jax.ShapeDtypeStruct(x_shape, acc)
+    crop = tuple(slice(0, n) for n in y.shape[1:-1])
+
+    def conv_cropped(x):      # the convolution cut to y's size (see transpose_extra_rows)
+        return _conv_lax(x, kernel.astype(acc), None, cfg, groups)[(slice(None), *crop)]
+
+    (x,) = jax.linear_transpose(conv_cropped, x_spec)(y.astype(acc))
+    return _add_bias(x, bias, y.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _conv_transpose_manual(y, kernel, bias, cfg: WindowConfig, groups: int, x_shape):
+    """The manual transposed convolution; backward :func:`_conv_transpose_bwd`."""
+    return _conv_transpose_manual_forward(y, kernel, bias, cfg, groups, x_shape)
+
+
+def _conv_transpose_manual_forward(y, kernel, bias, cfg: WindowConfig, groups: int, x_shape):
+    """``X = A_Kᵀ Y + B``: conv's input gradient with ``dZ := Y`` (:func:`_conv_input_grad`:
+    the lecture's ``pad(dilate_s(Y)) ⋆ rot180(K)ᵀ`` at stride 1, ``col2im(Y · Kᵀ)`` otherwise).
+    Where an ``output_padding`` at or above the stride gives the convolution more output rows
+    than ``y`` has, ``y`` is extended with zero rows (no entry of ``y`` reaches them)."""
+    extra = _shapes.transpose_extra_rows(y.shape, x_shape, cfg)
+    if any(extra):
+        y = _windows.pad(y, tuple((0, e) for e in extra))
+    return _add_bias(_conv_input_grad(y, kernel, x_shape, cfg, groups), bias, y.dtype)
+
+
+def _conv_transpose_fwd(y, kernel, bias, cfg, groups, x_shape):
+    out = _conv_transpose_manual_forward(y, kernel, bias, cfg, groups, x_shape)
+    return out, (y, kernel, bias is not None)
+
+
+def _conv_transpose_bwd(cfg: WindowConfig, groups: int, x_shape, res, dx):
+    """Backward of ``X = A_Kᵀ Y + B`` for ``L(X)``, with ``dX = dL/dX``: conv's other two
+    formulas with the roles swapped (see the module docstring).
+
+    - ``dY = A_K dX = dX ⋆ K``: conv's forward applied to ``dX``
+      (``dY_i = Σ_m dXpad[i * s + m * d] · K_m``; :func:`_conv_manual_forward`), cut to
+      ``y``'s size where the forward extended ``y``.
+    - ``dK = dX ⋆ Y``: conv's kernel gradient with ``X := dX`` and ``dZ := Y``
+      (``dK_m = Σ_i dXpad[i * s + m * d] · Y_iᵀ``; :func:`jaxcnn._patches.kernel_grad`).
+    - ``dB = Σ_{n,p} dX[n, p]``.
+    """
+    y, kernel, has_bias = res
+    dx = _xla_cpu.barrier(dx)
+    extra = _shapes.transpose_extra_rows(y.shape, x_shape, cfg)
+    dy = _conv_manual_forward(dx, kernel, None, cfg, groups)
+    if any(extra):
+        dy = dy[(slice(None), *(slice(0, n) for n in y.shape[1:-1]))]
+        y = _windows.pad(y, tuple((0, e) for e in extra))
+    dk = _patches.kernel_grad(dx, y, kernel.shape, cfg, groups)
+    db = None
+    if has_bias:
+        db = jnp.sum(dx, axis=tuple(range(dx.ndim - 1)), dtype=_windows.accum_dtype(dx.dtype))
+    return dy.astype(y.dtype), dk.astype(kernel.dtype), None if db is None else db.astype(dx.dtype)
+
+
+_conv_transpose_manual.defvjp(_conv_transpose_fwd, _conv_transpose_bwd)

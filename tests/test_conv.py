@@ -1,7 +1,9 @@
-"""conv: both impls against lax (forward and gradients), finite differences, the lecture's example, errors.
+"""conv and conv_transpose: both impls against lax (forward and gradients), finite differences,
+the adjoint identity, the lecture's example, errors.
 
 Sections: the deliberate grid, property tests, second-order finite differences, the scatter and
-gather forms of dX, transformations, the lecture's worked example, bad input.
+gather forms of dX, the shapes that used to be slow, transformations, the lecture's worked
+example, bad input; then the same for conv_transpose.
 """
 
 import itertools
@@ -141,6 +143,50 @@ def test_input_grad_scatter_form_equals_gather_form(stride, padding, dilation, g
 
 
 # --------------------------------------------------------------------------------------------
+# Shapes that used to be slow on the manual path (issue 9): large windows, long 1-D kernels,
+# many channels, 3-D, a 1x1 convolution with a stride. Small sizes, the same configurations.
+
+SLOW_SHAPE_CASES = {
+    "2-D 7x7 stride 2 SAME": ((2, 11, 10, 3), (7, 7, 3, 4), dict(stride=2, padding="SAME")),
+    "1-D kernel 33": ((2, 40, 3), (33, 3, 2), {}),
+    "1-D kernel 129, blocks of taps": ((1, 140, 17), (129, 17, 2), dict(padding=3)),
+    "2-D 5x5 many channels": ((1, 7, 6, 40), (5, 5, 40, 36), dict(padding="SAME")),
+    "2-D 11x11 stride 4": ((1, 23, 21, 3), (11, 11, 3, 4), dict(stride=4)),
+    "3-D 7x7x7": ((1, 8, 9, 7, 2), (7, 7, 7, 2, 3), dict(padding=((1, 0), (0, 1), (2, 1)))),
+    "3-D 3x3x3 dilation 2 groups 2": ((1, 7, 7, 6, 4), (3, 3, 3, 2, 4),
+                                      dict(dilation=2, groups=2, padding="SAME")),
+    "2-D 1x1 stride 2": ((2, 5, 6, 8), (1, 1, 8, 9), dict(stride=2)),
+    "2-D depthwise 5x5 multiplier 2": ((1, 9, 9, 5), (5, 5, 1, 10), dict(groups=5, padding=2)),
+}
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("name", sorted(SLOW_SHAPE_CASES))
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_shapes_that_used_to_be_slow(name, dtype):
+    x_shape, k_shape, options = SLOW_SHAPE_CASES[name]
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=x_shape).astype(dtype)
+    k = (rng.normal(size=k_shape) / np.sqrt(np.prod(k_shape[:-1]))).astype(dtype)
+    b = rng.normal(size=k_shape[-1:]).astype(dtype)
+    compare_impls(lambda x, k, b, impl: jc.conv(x, k, b, impl=impl, **options), (x, k, b), dtype)
+
+
+def test_manual_conv_uses_no_lax_convolution_and_goes_through_the_custom_vjp():
+    """The manual path computes with gathers, pads, slices and matrix products only, and its
+    gradient is the registered custom VJP (not JAX's autodiff of the forward)."""
+    x = np.ones((1, 9, 9, 2), np.float32)
+    k = np.ones((3, 3, 2, 3), np.float32)
+    for op in (lambda x, k: jc.conv(x, k, stride=2, padding="SAME", impl="manual"),
+               lambda x, k: jc.conv(x, k, padding=1, impl="manual"),
+               lambda x, k: jc.conv_transpose(x[..., :1].repeat(3, -1), k, stride=2,
+                                              impl="manual")):
+        grad = str(jax.make_jaxpr(jax.grad(lambda x, k: jnp.sum(op(x, k)), (0, 1)))(x, k))
+        assert "conv_general_dilated" not in grad and "reduce_window" not in grad
+        assert "custom_vjp_call" in str(jax.make_jaxpr(op)(x, k))
+
+
+# --------------------------------------------------------------------------------------------
 # Transformations of conv alone (jit / vmap / grad-of-grad over every op: test_transformations.py).
 
 
@@ -238,5 +284,138 @@ ERROR_CASES = [
 @pytest.mark.parametrize("call,exc,pattern", ERROR_CASES,
                          ids=[f"case{i}" for i in range(len(ERROR_CASES))])
 def test_bad_input_message(call, exc, pattern, impl):
+    with pytest.raises(exc, match=pattern):
+        call(impl)
+
+
+# ============================================================================================
+# conv_transpose: the adjoint of conv in its input.
+
+def _transpose_cases():
+    cases = []
+    for i, (nd, s, p) in enumerate(itertools.product(GRID_NDS, GRID_STRIDES, GRID_PADDINGS)):
+        dilation = (1, 2)[i % 2]
+        groups = ("1", "2")[(i // 2) % 2]
+        output_padding = 0 if p == "SAME" else (i % max(s, dilation))
+        dtype = ("float64", "float32")[(i // 3) % 2]
+        cases.append((nd, s, p, dilation, groups, output_padding, dtype))
+    return cases
+
+
+def _transpose_args(nd, groups, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    c_x, c_y = 4, 6
+    window = (3, 2, 2)[:nd]
+    y = rng.normal(size=(2, *(4, 5, 3)[:nd], c_y)).astype(dtype)
+    k = (rng.normal(size=(*window, c_x // groups, c_y)) / np.sqrt(np.prod(window) * c_y)
+         ).astype(dtype)
+    b = rng.normal(size=(c_x,)).astype(dtype)
+    return y, k, b
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("nd,stride,padding,dilation,groups,output_padding,dtype",
+                         _transpose_cases())
+def test_conv_transpose_grid(nd, stride, padding, dilation, groups, output_padding, dtype):
+    g = int(groups)
+    y, k, b = _transpose_args(nd, g, dtype)
+    pad = grid_padding(padding, nd)
+
+    def op(y, k, b, impl):
+        return jc.conv_transpose(y, k, b, stride=stride, padding=pad, dilation=dilation, groups=g,
+                                 output_padding=output_padding, impl=impl)
+
+    compare_impls(op, (y, k, b), dtype)
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("nd,stride,padding,dilation,groups,output_padding",
+                         [c[:6] for c in _transpose_cases()[::3]])
+def test_conv_transpose_is_the_adjoint_of_conv(nd, stride, padding, dilation, groups,
+                                               output_padding):
+    """<conv(x, K), y> = <x, conv_transpose(y, K)> for random x and y, both impls."""
+    g = int(groups)
+    y, k, _ = _transpose_args(nd, g, "float64", seed=1)
+    pad = grid_padding(padding, nd)
+    options = dict(stride=stride, padding=pad, dilation=dilation, groups=g)
+    for impl in IMPLS:
+        xt = jc.conv_transpose(y, k, output_padding=output_padding, impl=impl, **options)
+        x = np.random.default_rng(2).normal(size=xt.shape)
+        # the convolution cut to y's size (output_padding at or above the stride, allowed below
+        # the dilation as in PyTorch, adds result rows that no entry of y reaches)
+        z = jc.conv(x, k, impl=impl, **options)[(slice(None), *map(slice, y.shape[1:-1]))]
+        assert z.shape == y.shape
+        lhs, rhs = float(jnp.vdot(z, y)), float(jnp.vdot(x, xt))
+        assert abs(lhs - rhs) <= 1e-10 * max(1.0, abs(lhs)), (impl, lhs, rhs)
+
+
+@pytest.mark.usefixtures("x64")
+def test_conv_transpose_check_grads_second_order():
+    rng = np.random.default_rng(4)
+    y, k, b = rng.normal(size=(2, 3, 4, 4)), rng.normal(size=(3, 2, 2, 4)), rng.normal(size=(2,))
+    check_grads(lambda y, k, b: jc.conv_transpose(y, k, b, stride=2, padding=((1, 0), (0, 1)),
+                                                  output_padding=1, impl="manual"),
+                (y, k, b), order=2, modes=["rev"])
+
+
+@pytest.mark.usefixtures("x64")
+def test_conv_transpose_by_hand():
+    """1-D, one channel, kernel [1, 10], stride 2: each y_i lays down y_i · K at 2 i."""
+    y = np.array([1.0, 2.0, 3.0]).reshape(1, 3, 1)
+    k = np.array([1.0, 10.0]).reshape(2, 1, 1)
+    want = [1, 10, 2, 20, 3, 30]
+    for impl in IMPLS:
+        out = jc.conv_transpose(y, k, stride=2, impl=impl)
+        np.testing.assert_allclose(np.ravel(out), want)
+        # output_padding adds the row a stride-2 convolution of a 7-long input also ignores;
+        # padding 1 (of the convolution being transposed) crops one row at each end.
+        np.testing.assert_allclose(np.ravel(jc.conv_transpose(y, k, stride=2, output_padding=1,
+                                                              impl=impl)), want + [0])
+        np.testing.assert_allclose(np.ravel(jc.conv_transpose(y, k, stride=2, padding=1,
+                                                              impl=impl)), want[1:-1])
+        # with overlap (stride 1) the contributions add: [1, 10+2, 20+3, 30]
+        np.testing.assert_allclose(np.ravel(jc.conv_transpose(y, k, impl=impl)), [1, 12, 23, 30])
+
+
+@pytest.mark.parametrize("n,s", [(3, 1), (4, 2), (5, 3)])
+def test_conv_transpose_same_multiplies_the_size_by_the_stride(n, s):
+    y = np.zeros((1, n, n, 2), np.float32)
+    k = np.zeros((3, 3, 5, 2), np.float32)
+    for impl in IMPLS:
+        assert jc.conv_transpose(y, k, stride=s, padding="SAME", impl=impl).shape == (
+            1, n * s, n * s, 5)
+
+
+Y_T = np.zeros((2, 4, 4, 6), np.float32)
+K_T = np.zeros((3, 3, 2, 6), np.float32)
+
+TRANSPOSE_ERROR_CASES = [
+    (lambda i: jc.conv_transpose(Y_T[..., :5], K_T, impl=i), ValueError,
+     r"conv_transpose: y channels \(y.shape\[-1\]=5\) must equal the kernel's last dim "
+     r"\(kernel.shape\[-1\]=6\)"),
+    (lambda i: jc.conv_transpose(Y_T, K_T, stride=2, output_padding=2, impl=i), ValueError,
+     r"conv_transpose: output_padding must be smaller than the stride or the dilation .* got "
+     r"output_padding \(2, 2\), stride \(2, 2\)"),
+    (lambda i: jc.conv_transpose(Y_T, K_T, output_padding=-1, impl=i), ValueError,
+     r"conv_transpose: output_padding must be >= 0; got -1"),
+    (lambda i: jc.conv_transpose(Y_T, K_T, stride=2, padding="SAME", output_padding=1, impl=i),
+     ValueError, r"conv_transpose: output_padding must be 0 with padding 'SAME'"),
+    (lambda i: jc.conv_transpose(Y_T, K_T, padding=4, impl=i), ValueError,
+     r"conv_transpose: the result would have spatial size \(-2, -2\)"),
+    (lambda i: jc.conv_transpose(Y_T, K_T, np.zeros(6, np.float32), impl=i), ValueError,
+     r"conv_transpose: bias must have shape \(C_out,\) = \(2,\)"),
+    (lambda i: jc.conv_transpose(Y_T, K_T, groups=4, impl=i), ValueError,
+     r"conv_transpose: groups \(4\) must divide the y channels"),
+    (lambda i: jc.conv_transpose(Y_T[0], K_T, impl=i), ValueError,
+     r"conv_transpose: y must have rank 4"),
+    (lambda i: jc.conv_transpose(Y_T, K_T, padding="FULL", impl=i), ValueError,
+     r"conv_transpose: padding must be 'VALID', 'SAME'"),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("call,exc,pattern", TRANSPOSE_ERROR_CASES,
+                         ids=[f"case{i}" for i in range(len(TRANSPOSE_ERROR_CASES))])
+def test_conv_transpose_bad_input_message(call, exc, pattern, impl):
     with pytest.raises(exc, match=pattern):
         call(impl)

@@ -30,7 +30,8 @@ import numpy as np
 from .. import _shapes
 from ..activations import (_log_softmax_manual_forward, _relu_manual_forward, log_softmax,
                            relu)
-from ..convolution import _conv_manual_forward, conv
+from ..convolution import (_conv_manual_forward, _conv_transpose_manual_forward, conv,
+                           conv_transpose)
 from ..linear import _dense_manual_forward, _flatten_manual_forward, dense, flatten
 from ..losses import _cross_entropy_manual_forward, cross_entropy
 from ..pooling import _avg_pool_manual_forward, _max_pool_manual_forward, avg_pool, max_pool
@@ -101,6 +102,23 @@ def _conv_case(label, x_shape, k_shape, bias=True, quick=False, dtype="float64",
                 lambda x, k, b: conv(x, k, b, impl="manual", **st),
                 lambda x, k, b: conv(x, k, b, impl="lax", **st),
                 lambda x, k, b: _conv_manual_forward(x, k, b, cfg, st["groups"]), quick)
+
+
+def _conv_transpose_case(label, y_shape, k_shape, bias=True, quick=False, dtype="float64",
+                         **st):
+    rng = _rng("conv_transpose", label)
+    st = {"stride": 1, "padding": "VALID", "dilation": 1, "groups": 1, "output_padding": 0,
+          **st}
+    y = rng.standard_normal(y_shape).astype(dtype)
+    k = rng.standard_normal(k_shape).astype(dtype)
+    b = rng.standard_normal(k_shape[-2] * st["groups"]).astype(dtype) if bias else None
+    cfg, x_shape = _shapes.conv_transpose_config(y.shape, k.shape, None if b is None else b.shape,
+                                                 **st)
+    return Case("conv_transpose", label, (y, k, b), ("y", "kernel", "bias"),
+                lambda y, k, b: conv_transpose(y, k, b, impl="manual", **st),
+                lambda y, k, b: conv_transpose(y, k, b, impl="lax", **st),
+                lambda y, k, b: _conv_transpose_manual_forward(y, k, b, cfg, st["groups"],
+                                                               x_shape), quick)
 
 
 def _max_pool_case(label, x_shape, window, quick=False, dtype="float64", tied_x=None, **st):
@@ -189,6 +207,24 @@ def _conv_cases(dtype: str) -> list:
                    stride=(2, 1, 2), padding=1, groups=2, quick=True, dtype=dtype),
         _conv_case("3D s2 SAME, batch 2", (2, 5, 4, 6, 2), (3, 3, 3, 2, 2), stride=2,
                    padding="SAME", dtype=dtype),
+    ]
+
+
+def _conv_transpose_cases(dtype: str) -> list:
+    return [
+        _conv_transpose_case("2D s2, k3 (the upsampling of a U-Net)", (2, 4, 4, 3),
+                             (3, 3, 2, 3), stride=2, quick=True, dtype=dtype),
+        _conv_transpose_case("2D s2 SAME: out = in · 2", (1, 3, 4, 2), (4, 4, 3, 2), stride=2,
+                             padding="SAME", dtype=dtype),
+        _conv_transpose_case("2D s3 padding 1, output_padding 2", (1, 3, 3, 2), (3, 3, 2, 2),
+                             stride=3, padding=1, output_padding=2, dtype=dtype),
+        _conv_transpose_case("2D s1 dilation 2, uneven pads, groups 2", (2, 5, 4, 4),
+                             (3, 2, 1, 4), dilation=2, padding=((1, 0), (0, 2)), groups=2,
+                             dtype=dtype),
+        _conv_transpose_case("1D s2 dilation 3, output_padding 1", (2, 6, 3), (3, 2, 3),
+                             stride=2, dilation=3, output_padding=1, quick=True, dtype=dtype),
+        _conv_transpose_case("3D s(2,1,2), no bias", (1, 3, 4, 3, 2), (2, 3, 2, 2, 2),
+                             stride=(2, 1, 2), bias=False, dtype=dtype),
     ]
 
 
@@ -289,6 +325,7 @@ def _cross_entropy_cases(dtype: str) -> list:
 # The ops of the grid, in report order: name (for --op and the report) -> case builder.
 OPS: dict[str, Callable[[str], list]] = {
     "conv": _conv_cases,
+    "conv_transpose": _conv_transpose_cases,
     "max_pool": _max_pool_cases,
     "avg_pool": _avg_pool_cases,
     "dense": _dense_cases,
