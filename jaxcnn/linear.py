@@ -70,7 +70,7 @@ def _dense_manual_forward(x, w, b):
 
 
 def _dense_fwd(x, w, b):
-    return _dense_manual(x, w, b), (x, w, b is not None)
+    return _dense_manual_forward(x, w, b), (x, w, b is not None)
 
 
 def _dense_bwd(res, dz):
@@ -124,7 +124,7 @@ def _flatten_manual_forward(x):
 
 
 def _flatten_fwd(x):
-    return _flatten_manual(x), x
+    return _flatten_manual_forward(x), x
 
 
 def _flatten_bwd(x, dy):

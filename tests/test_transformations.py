@@ -35,3 +35,61 @@ def test_manual_ops_under_jit_vmap_and_grad_of_grad():
         results[impl] = (f(xs, k), hvp(k), pool(xs))
     for got, want in zip(results["manual"], results["lax"]):
         assert_close(got, want, "float64")
+
+
+# --------------------------------------------------------------------------------------------
+# Forward-over-reverse: jax.hessian, jacfwd of grad and Hessian-vector products run through the
+# manual ops' custom VJPs (their fwd and bwd rules are plain differentiable code) and equal
+# lax's. Direct forward mode (jax.jvp / jacfwd / linearize of a manual op) is not supported: see
+# test_direct_forward_mode_is_refused_and_double_vjp_gives_the_jvp.
+
+def _second_order_ops():
+    rng = np.random.default_rng(7)
+    x4 = rng.normal(size=(1, 5, 5, 2))
+    k = rng.normal(size=(3, 3, 2, 2)) / 3
+    y = rng.normal(size=(1, 3, 3, 2))
+    return {
+        "conv": (lambda x, impl: jc.conv(x, k, stride=2, padding="SAME", impl=impl), x4),
+        "conv kernel": (lambda k_, impl: jc.conv(x4, k_, padding=1, impl=impl), k),
+        "conv_transpose": (lambda y_, impl: jc.conv_transpose(y_, k, stride=2, impl=impl), y),
+        "dense": (lambda w, impl: jc.dense(x4.reshape(5, 10), w, impl=impl),
+                  rng.normal(size=(10, 3))),
+        "flatten": (lambda x, impl: jc.flatten(x, impl=impl), x4),
+    }
+
+
+SECOND_ORDER_OPS = sorted(_second_order_ops())
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("name", SECOND_ORDER_OPS)
+def test_hessian_and_forward_over_reverse_through_manual_ops(name):
+    op, arg = _second_order_ops()[name]
+    out = {}
+    for impl in IMPLS:
+        loss = lambda a: jnp.sum(jnp.sin(op(a, impl)) ** 2)          # noqa: E731
+        v = np.random.default_rng(1).normal(size=arg.shape)
+        hvp = jax.jvp(jax.grad(loss), (arg,), (v,))[1]                # forward over reverse
+        out[impl] = (jax.hessian(loss)(arg), jax.jacfwd(jax.grad(loss))(arg), hvp)
+    for got, want in zip(out["manual"], out["lax"]):
+        assert_close(got, want, "float64")
+
+
+@pytest.mark.usefixtures("x64")
+def test_direct_forward_mode_is_refused_and_double_vjp_gives_the_jvp():
+    """jax.jvp of a manual op raises JAX's own TypeError (a custom_vjp function has no forward
+    mode); the README's recipe, the JVP as the transpose of the VJP (two reverse passes through
+    the hand-derived rule), equals lax's jax.jvp."""
+    op, arg = _second_order_ops()["conv"]
+    v = np.random.default_rng(3).normal(size=arg.shape)
+    with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
+        jax.jvp(lambda a: op(a, "manual"), (arg,), (v,))
+
+    def jvp_by_two_vjps(f, x, t):                       # the README's recipe
+        y, vjp = jax.vjp(f, x)
+        return y, jax.vjp(vjp, jnp.zeros_like(y))[1]((t,))[0]
+
+    y, t_out = jvp_by_two_vjps(lambda a: op(a, "manual"), arg, v)
+    y_ref, t_ref = jax.jvp(lambda a: op(a, "lax"), (arg,), (v,))
+    assert_close(y, y_ref, "float64")
+    assert_close(t_out, t_ref, "float64")
