@@ -52,6 +52,9 @@ of 6 channels are better grouped)."""
 ROW_WIDTH = 2048
 """A single window row wider than this (a long 1-D kernel) is cut into chunks of taps: wider
 contractions gain nothing and the patch tile would hold few output positions."""
+ELEMENTWISE_TERMS = 64
+"""At most this many multiply-add terms (taps · C_in/G) per block of the elementwise product:
+its terms are unrolled into one fused loop, so this bounds the program."""
 MATMUL_MIN_WIDTH = 8
 """A per-group product is a matrix product when both its contraction (``taps · C_in / G``)
 and its output width (``C_out / G``) reach this; below it (depthwise and similar) the product
@@ -88,8 +91,9 @@ def plan(x_shape, k_shape, cfg: WindowConfig, groups: int, itemsize: int) -> Pla
     """Choose tiles, blocks and the product kind from the shapes (the cost model).
 
     - Product: per group the layer is a product with contraction ``taps · C_in/G`` and width
-      ``C_out/G``; it runs as a matrix product when both reach :data:`MATMUL_MIN_WIDTH`, else
-      as broadcast multiply-adds.
+      ``C_out/G``; it runs as a matrix product on the patch matrix when both reach
+      :data:`MATMUL_MIN_WIDTH`, else as broadcast multiply-adds of strided slices of the input
+      (no patch, no tiles: XLA fuses the terms of a block into one loop over the output).
     - Blocks: whole window rows, grouped while the block's width ``taps · C_in/G`` stays
       within :data:`BLOCK_WIDTH` (see :func:`_blocks`). A window that fits is one block.
     - Tiles: as many whole images as keep one block's patch tile within
@@ -99,15 +103,17 @@ def plan(x_shape, k_shape, cfg: WindowConfig, groups: int, itemsize: int) -> Pla
     n, c_in, c_out = x_shape[0], k_shape[-2], k_shape[-1]
     window = cfg.window
     width_in, width_out = math.prod(window) * c_in, c_out // groups
-    product = ("matmul" if min(width_in, width_out) >= MATMUL_MIN_WIDTH else "elementwise")
-    split, chunk, n_chunks = _blocks(window, c_in)
-    taps = chunk * math.prod(window[split + 1:]) if split >= 0 else math.prod(window)
     out = output_spatial(x_shape[1:-1], cfg)
+    if min(width_in, width_out) < MATMUL_MIN_WIDTH:
+        split, chunk, n_chunks = _blocks(window, c_in, ELEMENTWISE_TERMS, ELEMENTWISE_TERMS)
+        return Plan(n, 1, out[0], 1, split, chunk, n_chunks, "elementwise")
+    split, chunk, n_chunks = _blocks(window, c_in, BLOCK_WIDTH, ROW_WIDTH)
+    taps = chunk * math.prod(window[split + 1:]) if split >= 0 else math.prod(window)
     budget = _xla_cpu.tile_bytes()
-    position = taps * (c_in * groups if product == "matmul" else c_in * groups + c_out)
-    bytes_row = math.prod(out[1:]) * position * itemsize
+    bytes_row = math.prod(out[1:]) * taps * c_in * groups * itemsize
     if budget is None:
-        return Plan(n, 1, out[0], 1, split, chunk, n_chunks, product)
+        return Plan(n, 1, out[0], 1, split, chunk, n_chunks, "matmul")
+    product = "matmul"
     rows = max(1, budget // bytes_row)
     if rows >= out[0]:
         n_tiles = -(-n // max(1, rows // out[0]))
@@ -116,11 +122,11 @@ def plan(x_shape, k_shape, cfg: WindowConfig, groups: int, itemsize: int) -> Pla
     return Plan(1, n, -(-out[0] // r_tiles), r_tiles, split, chunk, n_chunks, product)
 
 
-def _blocks(window, c_in):
+def _blocks(window, c_in, block_width, row_width):
     """``(split, chunk, n_chunks)`` of :class:`Plan` (see :func:`plan`).
 
-    The last dim is cut only when one row is wider than :data:`ROW_WIDTH`; going outwards, a
-    dim is taken whole while the block stays within :data:`BLOCK_WIDTH`, else cut into chunks
+    The last dim is cut only when one row is wider than ``row_width``; going outwards, a dim
+    is taken whole while the block stays within ``block_width``, else cut into chunks
     of the rows that fit. Chunk sizes divide the dim where a divisor at least half as large
     as the fit exists; otherwise the chunks are balanced and the last one padded with zero
     taps (waste below one tap per chunk).
@@ -128,7 +134,7 @@ def _blocks(window, c_in):
     inner, nd = 1, len(window)
     for q in reversed(range(nd)):
         k = window[q]
-        limit = ROW_WIDTH if q == nd - 1 else BLOCK_WIDTH
+        limit = row_width if q == nd - 1 else block_width
         if inner * k * c_in <= limit:
             inner *= k
             continue
@@ -271,6 +277,30 @@ def _patch(xp, t, j, cfg: WindowConfig, p: Plan, g: _Geometry):
     return patch.reshape(patch.shape[0], -1)
 
 
+def _block_input(xp, t, j, cfg: WindowConfig, p: Plan, g: _Geometry):
+    """What block ``j`` of tile ``t`` multiplies: the patch tile ``(M, taps · C_in)``
+    (:func:`_patch`) for a matrix product, or for the elementwise product the block's taps
+    themselves, each the strided slice ``Xpad[offset_j + u * d :: s]`` as ``(M, C_in)`` (XLA
+    fuses the slices into the multiply-adds: nothing is gathered)."""
+    if p.product == "matmul":
+        return _patch(xp, t, j, cfg, p, g)
+    rows = g.tile_out[1:]
+    size = [(r - 1) * s + (k - 1) * d + 1 for r, s, k, d in
+            zip(rows, cfg.stride, g.block_window, cfg.dilation)]
+    offset = _block_offset(j, cfg, p)
+    if not all(isinstance(o, int) for o in offset):
+        xp = lax.dynamic_slice(xp, _index((0, *offset, 0)), (xp.shape[0], *size, xp.shape[-1]))
+        offset = (0,) * cfg.ndim
+    taps = []
+    for o in _tap_offsets(cfg, g):
+        start = (0, *(a + int(b) for a, b in zip(offset, o)), 0)
+        limit = (xp.shape[0], *(a + (r - 1) * s + 1 for a, r, s in zip(start[1:], rows,
+                                                                     cfg.stride)), xp.shape[-1])
+        tap = lax.slice(xp, start, limit, (1, *cfg.stride, 1))
+        taps.append(tap.reshape(-1, xp.shape[-1]))
+    return taps
+
+
 def _tap_offsets(cfg: WindowConfig, g: _Geometry) -> np.ndarray:
     """``(taps, nd)``: offset ``u * d`` (within a block) of each of the block's taps."""
     return np.array([[m * d for m, d in zip(ms, cfg.dilation)]
@@ -347,26 +377,37 @@ def _unblock_kernel(kb, k_shape, cfg: WindowConfig, g: _Geometry):
 # accumulate in ``acc`` (float32 for half precision).
 
 
-def _forward_block(patch, kb, p: Plan, acc):
-    """``P_block · K_block``: ``(M, G, C_out/G)``."""
-    m, taps, ci, groups, co = patch.shape[0], *kb.shape[:3], kb.shape[-1]
-    if p.product == "matmul" and groups == 1:
-        return jnp.matmul(patch, kb.reshape(taps * ci, co), preferred_element_type=acc)[:, None, :]
-    patch = patch.reshape(m, taps, groups, ci)
+def _forward_block(inp, kb, p: Plan, acc):
+    """``P_block · K_block``: ``(M, G, C_out/G)``; ``inp`` from :func:`_block_input`."""
+    taps, ci, groups, co = *kb.shape[:3], kb.shape[-1]
     if p.product == "matmul":
+        if groups == 1:
+            return jnp.matmul(inp, kb.reshape(taps * ci, co), preferred_element_type=acc
+                              )[:, None, :]
+        patch = inp.reshape(inp.shape[0], taps, groups, ci)
         return jnp.einsum("mtgc,tcgo->mgo", patch, kb, preferred_element_type=acc)
-    return _xla_cpu.barrier(sum(jnp.einsum("mgc,cgo->mgo", patch[:, u], kb[u],
-                                           preferred_element_type=acc) for u in range(taps)))
+    z = None
+    for u, tap in enumerate(inp):
+        tap = tap.astype(acc).reshape(-1, groups, ci)
+        for c in range(ci):
+            term = tap[:, :, c:c + 1] * kb[u, c].astype(acc)
+            z = term if z is None else z + term
+    return z
 
 
-def _kernel_grad_block(patch, dz, taps, p: Plan, acc):
+def _kernel_grad_block(inp, dz, taps, p: Plan, acc):
     """``P_blockᵀ · dZ_tile``: ``(taps, C_in/G, G, C_out/G)``."""
-    m, groups = patch.shape[0], dz.shape[1]
-    c_in = patch.shape[1] // taps
-    if p.product == "matmul" and groups == 1:
-        return jnp.matmul(patch.T, dz[:, 0], preferred_element_type=acc).reshape(taps, c_in, 1, -1)
-    patch = patch.reshape(m, taps, groups, c_in // groups)
-    return jnp.einsum("mtgc,mgo->tcgo", patch, dz, preferred_element_type=acc)
+    groups = dz.shape[1]
+    if p.product == "matmul":
+        m, c_in = inp.shape[0], inp.shape[1] // taps
+        if groups == 1:
+            return jnp.matmul(inp.T, dz[:, 0], preferred_element_type=acc).reshape(taps, c_in,
+                                                                                1, -1)
+        patch = inp.reshape(m, taps, groups, c_in // groups)
+        return jnp.einsum("mtgc,mgo->tcgo", patch, dz, preferred_element_type=acc)
+    dz = dz.astype(acc)
+    return jnp.stack([jnp.einsum("mgc,mgo->cgo", tap.astype(acc).reshape(*dz.shape[:2], -1), dz)
+                      for tap in inp])
 
 
 def _input_grad_block(dz, kb, p: Plan, acc):
@@ -377,7 +418,7 @@ def _input_grad_block(dz, kb, p: Plan, acc):
         c = jnp.matmul(dz[:, 0], kb.reshape(taps * ci, co).T, preferred_element_type=acc)
     else:
         c = jnp.einsum("mgo,tcgo->mtgc", dz, kb, preferred_element_type=acc)
-    return _xla_cpu.barrier(c.reshape(m, taps, groups * ci))
+    return c.reshape(m, taps, groups * ci)
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,8 +435,8 @@ def correlate(x, kernel, cfg: WindowConfig, groups: int):
 
     def tile(t, z):
         def block(j, zt):
-            patch = _patch(xp, t, j, cfg, p, g)
-            out = _forward_block(patch, _dynamic_index(kb, j), p, acc)
+            out = _forward_block(_block_input(xp, t, j, cfg, p, g), _dynamic_index(kb, j), p,
+                                 acc)
             return out if zt is None else zt + out
 
         zt = block(0, None) if n_blocks == 1 else lax.fori_loop(
@@ -442,7 +483,7 @@ def kernel_grad(x, dz, k_shape, cfg: WindowConfig, groups: int):
         dzt = _tile_dz(dzp, t, cfg, p, g, groups)
 
         def block(j, dk):
-            dkj = _kernel_grad_block(_patch(xp, t, j, cfg, p, g), dzt, taps,
+            dkj = _kernel_grad_block(_block_input(xp, t, j, cfg, p, g), dzt, taps,
                                      p, acc)
             return _add_at(dk, dkj[None], (j, 0, 0, 0, 0))
 

@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 from jax import lax
 
+from . import _xla_cpu
 from ._shapes import Pads, WindowConfig, output_spatial
 
 
@@ -33,11 +34,11 @@ def accum_dtype(dtype):
 
 
 def layer_boundary(op, x, *rest):
-    """Run a manual op with its input and output materialized (and, through autodiff of the
-    barrier, its incoming and outgoing cotangents). XLA's CPU backend otherwise fuses the
-    explicit elementwise expressions of neighbouring manual layers into each other and into
-    matrix products, recomputing them many times over (measured with benchmarks/ops.py)."""
-    return lax.optimization_barrier(op(lax.optimization_barrier(x), *rest))
+    """Run a manual op with its input and output materialized (and, through autodiff, its
+    incoming and outgoing cotangents): :func:`jaxcnn._xla_cpu.materialize`. XLA's CPU backend
+    otherwise fuses the explicit elementwise expressions of neighbouring manual layers into
+    each other and into their patches, recomputing them many times over."""
+    return _xla_cpu.materialize(op(_xla_cpu.materialize(x), *rest))
 
 
 def pad(x, pads: Pads, *, interior: Sequence[int] | None = None, value=0):

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _patches, _shapes, _windows, _xla_cpu
+from . import _patches, _shapes, _windows
 from ._shapes import WindowConfig
 
 
@@ -149,7 +149,6 @@ def _conv_bwd(cfg: WindowConfig, groups: int, res, dz):
     Each product accumulates in float32 for half precision and is rounded once.
     """
     x, kernel, has_bias = res
-    dz = _xla_cpu.barrier(dz)
     dk = _patches.kernel_grad(x, dz, kernel.shape, cfg, groups)
     db = None
     if has_bias:
@@ -312,7 +311,6 @@ def _conv_transpose_bwd(cfg: WindowConfig, groups: int, x_shape, res, dx):
     - ``dB = Σ_{n,p} dX[n, p]``.
     """
     y, kernel, has_bias = res
-    dx = _xla_cpu.barrier(dx)
     extra = _shapes.transpose_extra_rows(y.shape, x_shape, cfg)
     dy = _conv_manual_forward(dx, kernel, None, cfg, groups)
     if any(extra):
