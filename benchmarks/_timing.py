@@ -31,23 +31,27 @@ def calls_per_sample(f, args, min_seconds: float) -> int:
     return max(1, math.ceil(min_seconds / max(once, 1e-6)))
 
 
-def interleaved(funcs: dict, args, *, repeats: int, min_seconds: float) -> dict:
-    """Time several warm functions of the same arguments in alternating rounds.
+def interleaved(calls: dict, *, repeats: int, min_seconds: float, same_inner=True) -> dict:
+    """Time several warm functions in alternating rounds.
 
-    ``funcs``: name -> jitted function (already compiled). Each round times every function
-    once (one sample of ``inner`` calls, ``inner`` fixed per function group from the first
-    function's speed so both sides of a ratio average the same number of calls), and the order
-    rotates from round to round, so a slow phase of a shared machine hits all of them alike.
+    ``calls``: name -> ``(f, args)``, ``f`` jitted and already compiled. Each round takes one
+    sample of every function (``inner`` calls of it, see :func:`calls_per_sample`), and the
+    order rotates from round to round, so a slow phase of a shared machine hits all of them
+    alike. With ``same_inner`` every function makes as many calls per sample as the first one
+    needs (both sides of a ratio then average the same number of calls); otherwise each
+    function gets its own count.
 
     Returns ``{name: [seconds per call of each round]}``.
     """
-    names = list(funcs)
-    inner = calls_per_sample(funcs[names[0]], args, min_seconds)
+    names = list(calls)
+    first = calls_per_sample(*calls[names[0]], min_seconds)
+    inner = {name: first if same_inner or i == 0 else calls_per_sample(*calls[name], min_seconds)
+             for i, name in enumerate(names)}
     times = {name: [] for name in names}
     for r in range(repeats):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name].append(sample(funcs[name], args, inner))
+            times[name].append(sample(*calls[name], inner[name]))
     return times
 
 
