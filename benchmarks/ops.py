@@ -1,7 +1,8 @@
 """Speed of ``impl="manual"`` relative to ``impl="lax"`` on a grid of ops and whole networks.
 
-    python benchmarks/ops.py                    # the whole grid (about 10-15 min on 2 cores)
-    python benchmarks/ops.py --quick            # ~15 representative cases + LeNet-5 (~1 min)
+    python benchmarks/ops.py                    # the whole grid (meant to take 10-15 min on
+                                                # 2 cores; the run prints its wall time)
+    python benchmarks/ops.py --quick            # 15 representative cases + LeNet-5 (~1 min)
     python benchmarks/ops.py --filter "1-D"     # the cases whose name contains "1-D"
     python benchmarks/ops.py --json ops.json    # every number, also to a file
     python benchmarks/ops.py --smoke            # tiny shapes, one case per section (seconds)
@@ -36,6 +37,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from functools import partial
 
 import jax
@@ -134,11 +136,13 @@ def measure_case(case, args, seed):
     try:
         inputs = case_args(case, seed)
         out = jax.eval_shape(forward(case, "lax"), *inputs)
-        cot = jnp.asarray(np.random.default_rng(seed + 1).normal(size=out.shape), jnp.float32)
+        cot = jnp.asarray(np.random.default_rng(seed + 1).normal(size=out.shape)
+                          if out.shape else 1.0, jnp.float32)
         fb_inputs = (*inputs, cot)
         first = {}
         for impl in IMPLS:  # lax first: its function is cheap to compile again afterwards
-            first[impl], _ = _timing.first_call(lambda: forward_backward(case, impl), fb_inputs)
+            first[impl], _ = _timing.first_call(lambda impl=impl: forward_backward(case, impl),
+                                                fb_inputs)
         times = {}
         for mode, make, a in (("fwd", forward, inputs), ("fwd+bwd", forward_backward,
                                                           fb_inputs)):
@@ -168,7 +172,8 @@ def measure_network(whole, args):
     try:
         first, funcs = {}, {}
         for impl in IMPLS:
-            first[impl], funcs[impl] = _timing.first_call(lambda: whole.make(impl), whole.args)
+            first[impl], funcs[impl] = _timing.first_call(lambda impl=impl: whole.make(impl),
+                                                          whole.args)
         for f in funcs.values():
             jax.block_until_ready(f(*whole.args))
         times = _timing.interleaved({impl: (f, whole.args) for impl, f in funcs.items()},
@@ -267,6 +272,7 @@ def print_floors(report, args, n_cases, n_nets):
 
 
 def main(argv=None):
+    started = time.perf_counter()
     args = parse(argv)
     _timing.no_persistent_cache()
     cases = selected(_grid.cases(smoke=args.smoke), args, section=lambda c: c.section)
@@ -295,6 +301,7 @@ def main(argv=None):
     networks = run_networks(args)
     report = floors(results, networks)
     print_floors(report, args, len(results), len(networks))
+    print(f"\nran in {time.perf_counter() - started:.0f} s")
     if args.json:
         doc = {"machine": machine, "args": vars(args), "cases": records,
                "networks": networks, "floors": report}

@@ -37,8 +37,9 @@ floors of issue 9 §3: LeNet-5 <= 1.6x PyTorch channels_last, the CIFAR stack <=
 A benchmark, not a test. Both frameworks use every core, so run it on a quiet machine: on a
 loaded one PyTorch's OpenMP threads (``--threads`` equal to the cores) slow down far more than
 XLA's (seen on a shared 2-core VM: PyTorch's LeNet-5 step 10-100x slower than on the quiet
-machine, even in a process of its own), and the ratios then measure the load. The profile's per-layer calls each pay a dispatch that
-the step does not, so on small layers their sum overstates the layers' share a little.
+machine, even in a process of its own), and the ratios then measure the load. The profile's
+per-layer calls each pay a dispatch that the step does not, so on small layers their sum
+overstates the layers' share a little.
 """
 
 from __future__ import annotations
@@ -296,6 +297,7 @@ def print_floors(results, args):
 
 
 def main(argv=None):
+    started = time.perf_counter()
     args = parse(argv)
     torch = import_torch()
     torch.set_num_threads(args.threads)
@@ -306,6 +308,9 @@ def main(argv=None):
           f"{machine['torch_threads']} threads; Adam lr {LR}, float32, batch {args.batch}; "
           f"median of {args.rounds} alternating rounds of {args.steps} steps"
           + ("; smoke" if args.smoke else ""))
+    if jax.default_backend() != "cpu":
+        print(f"\nNote: JAX runs on {jax.default_backend()} and PyTorch on the CPU, so the "
+              f"comparison is not like for like; JAX_PLATFORMS=cpu makes it so.")
     nets = [n for n in _nets.NETS if args.filter is None or args.filter in n.name]
     results, profiles = {}, {}
     for net in nets:
@@ -315,6 +320,7 @@ def main(argv=None):
         profiles[net.name] = profile(net, args)
         print_profile(net, profiles[net.name], args.batch)
     print_floors(results, args)
+    print(f"\nran in {time.perf_counter() - started:.0f} s")
     if args.json:
         doc = {"machine": machine, "args": vars(args), "steps": results, "profiles": profiles}
         atomic_write(args.json, lambda f: f.write(json.dumps(doc, indent=1).encode()))
