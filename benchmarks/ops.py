@@ -153,8 +153,13 @@ def measure_case(case, args, seed):
                                               repeats=args.repeats,
                                               min_seconds=args.min_sample_ms / 1e3)
     except Exception as e:  # noqa: BLE001 - a case that fails is reported, the run goes on
-        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+        return _error(e)
     return _summary(times, first)
+
+
+def _error(e):
+    first_line = (str(e).splitlines() or [""])[0]
+    return {"error": f"{type(e).__name__}: {first_line[:300]}"}
 
 
 def _summary(times, first):
@@ -179,7 +184,7 @@ def measure_network(whole, args):
         times = _timing.interleaved({impl: (f, whole.args) for impl, f in funcs.items()},
                                     repeats=args.repeats, min_seconds=args.min_sample_ms / 1e3)
     except Exception as e:  # noqa: BLE001
-        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+        return _error(e)
     return _summary({"fwd+bwd": times}, first)
 
 
