@@ -4,16 +4,23 @@ One helper for every file the project writes (downloads, checkpoints, metrics, r
 content goes to a temporary file in the target's directory, is flushed and fsynced, and is
 renamed over the target (atomic on POSIX); the directory is fsynced so the rename itself is
 durable. If writing fails at any point the temporary file is removed and the target, if it
-existed, is untouched.
+existed, is untouched. A process killed while writing leaves its temporary file behind
+(``.NAME.XXXXXXXX.tmp`` beside ``NAME``): :func:`leftover_temporaries` finds them.
+
+Appending a line (:func:`append_line`) is durable too, and a failed append leaves the file as
+it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import tempfile
 from typing import Any, Callable
+
+_TMP_SUFFIX = ".tmp"
 
 
 def atomic_write(path, write: Callable[[Any], None], *, mode: int = 0o644) -> None:
@@ -23,7 +30,7 @@ def atomic_write(path, write: Callable[[Any], None], *, mode: int = 0o644) -> No
     left as it was.
     """
     path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
     try:
         os.fchmod(fd, mode)           # mkstemp makes the file private (0o600)
         with os.fdopen(fd, "wb") as f:
@@ -36,6 +43,37 @@ def atomic_write(path, write: Callable[[Any], None], *, mode: int = 0o644) -> No
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def write_json(path, value, *, indent: int | None = 2) -> None:
+    """Create or replace ``path`` with ``value`` as standard JSON (no NaN or Infinity, which
+    strict readers refuse) and a final newline, atomically."""
+    text = json.dumps(value, indent=indent, allow_nan=False) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def append_line(path, line: str) -> None:
+    """Append ``line`` and a newline to ``path`` (created if missing) and make it durable.
+
+    If the write fails part-way (a full disk), the file is cut back to its old length, so it
+    never ends in half a line.
+    """
+    with open(path, "ab") as f:
+        size = f.tell()
+        try:
+            f.write(line.encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                f.truncate(size)
+            raise
+
+
+def leftover_temporaries(directory, name: str) -> list[pathlib.Path]:
+    """The temporary files that an :func:`atomic_write` of ``directory / name`` killed before
+    its rename left behind."""
+    return sorted(pathlib.Path(directory).glob(f".{name}.*{_TMP_SUFFIX}"))
 
 
 def fsync_dir(directory) -> None:

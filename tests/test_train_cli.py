@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxcnn import training
+from jaxcnn import _report, training
 
 from conftest import ROOT, closed_port_url, load_cli, write_idx
 
@@ -83,7 +83,7 @@ def test_mnist_end_to_end(mnist_run):
     have_matplotlib = importlib.util.find_spec("matplotlib") is not None
     for name in ("curves.png", "filters.png"):
         assert (out / name).is_file() == have_matplotlib
-    assert (training.PLOTS_SKIPPED in proc.stdout) != have_matplotlib
+    assert (_report.PLOTS_SKIPPED in proc.stdout) != have_matplotlib
 
 
 def test_eval_only_on_the_run(mnist_run, capsys):

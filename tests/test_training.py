@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcnn import data, models, training
+from jaxcnn import _report, data, models, training
 from jaxcnn.check import BFLOAT16_TOLERANCES
-from jaxcnn.training import TrainConfig
+from jaxcnn.checkpoint import load_checkpoint, save_checkpoint
+from jaxcnn.training import TrainConfig, TrainState
 
 BATCH, LR, N_TEST, IMPL = 32, 2e-3, 100, "lax"
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None  # the "plot" extra
@@ -128,7 +129,21 @@ def test_make_optimizer_choices_and_rules():
     np.testing.assert_allclose(u2, -0.1 * 1.9 * gw, rtol=1e-6)
     u1, u2 = two_updates("adam")                      # first Adam step: -lr sign(g)
     np.testing.assert_allclose(u1, -0.1 * np.sign(gw), rtol=1e-4)
-    assert training.make_optimizer("adam", 0.1) is training.make_optimizer("adam", 0.1)
+    # Plain data: equal settings give equal optimizers, so the jitted step (which takes the
+    # optimizer as a static argument) compiles once per setting.
+    assert training.make_optimizer("adam", 0.1) == training.make_optimizer("adam", 0.1)
+    adam8 = training.make_optimizer("adam", 0.1, 8)
+    assert hash(adam8) == hash(training.make_optimizer("adam", 0.1, 8))
+    assert adam8 != training.make_optimizer("adam", 0.1, 9)
+
+
+def test_runs_with_equal_settings_reuse_the_compiled_step(tmp_path, tiny):
+    """No cache of models or optimizers: fit passes both as plain values, which jit compares by
+    value, so a second run with the same settings compiles nothing."""
+    training.fit(config(tmp_path, "first"), dataset=tiny)
+    before = training.train_step._cache_size(), training._eval_step._cache_size()
+    training.fit(config(tmp_path, "second"), dataset=tiny)
+    assert (training.train_step._cache_size(), training._eval_step._cache_size()) == before
 
 
 # ------------------------------------------------------------------------------------------
@@ -250,10 +265,10 @@ def test_short_run_learns_and_leaves_its_files(tmp_path, small, capsys):
         if HAVE_MATPLOTLIB:
             assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         else:
-            assert not (run / png).exists() and training.PLOTS_SKIPPED in out.out
-    params, opt_state, meta = training.load_checkpoint(run / "checkpoint.npz",
-                                                       result.params, result.opt_state)
-    assert tree_equal(params, result.params) and tree_equal(opt_state, result.opt_state)
+            assert not (run / png).exists() and _report.PLOTS_SKIPPED in out.out
+    state, meta = load_checkpoint(run / "checkpoint.npz", result.state)
+    assert tree_equal(state.params, result.params) and tree_equal(state.opt_state, result.opt_state)
+    assert (state.step, state.epoch) == (100, 2)
     assert (meta["epoch"], meta["step"], meta["config"]) == (2, 100, cfg.to_json())
     assert meta["rng"]["seed"] == 0
     assert not list(run.glob(".*.tmp"))                          # no temporary files left
@@ -299,9 +314,9 @@ def test_resume_continues_a_finished_run_for_more_epochs(tmp_path, tiny, capsys)
     assert [r["epoch"] for r in more.history] == [1, 2]
     # A checkpoint written before a setting existed: that setting had its default.
     checkpoint = tmp_path / "run" / training.CHECKPOINT
-    params, opt_state, meta = training.load_checkpoint(checkpoint, more.params, more.opt_state)
+    state, meta = load_checkpoint(checkpoint, more.state)
     del meta["config"]["dtype"], meta["config"]["devices"]
-    training.save_checkpoint(checkpoint, params, opt_state, meta)
+    save_checkpoint(checkpoint, state, meta)
     training.fit(config(tmp_path, epochs=3, resume=True, seed=5, dtype="bfloat16"), dataset=tiny)
     out = capsys.readouterr().out
     assert ("note: resuming with settings that differ from the checkpoint's: dtype 'float32' "
@@ -340,11 +355,14 @@ def test_progress_bar_on_a_terminal(tmp_path, tiny, monkeypatch):
 # Checkpoints: atomic, and refused when they do not match the model.
 
 
+def state_of(params, optimizer="adam", *, step=0, epoch=0):
+    return TrainState(params, {}, training.make_optimizer(optimizer, LR).init(params), step, epoch)
+
+
 def test_checkpoint_write_is_atomic(tmp_path, lenet, monkeypatch):
     _, params = lenet
-    opt_state = training.make_optimizer("adam", LR).init(params)
     path = tmp_path / "checkpoint.npz"
-    training.save_checkpoint(path, params, opt_state, {"epoch": 1, "step": 8})
+    save_checkpoint(path, state_of(params, step=8, epoch=1))
     good = path.read_bytes()
 
     def dies_halfway(file, **arrays):                  # a kill in the middle of the write
@@ -354,26 +372,62 @@ def test_checkpoint_write_is_atomic(tmp_path, lenet, monkeypatch):
     monkeypatch.setattr(np, "savez", dies_halfway)
     bigger = jax.tree_util.tree_map(lambda a: a + 1, params)
     with pytest.raises(KeyboardInterrupt):
-        training.save_checkpoint(path, bigger, opt_state, {"epoch": 2, "step": 16})
+        save_checkpoint(path, state_of(bigger, step=16, epoch=2))
     assert path.read_bytes() == good                   # the old checkpoint, untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz"]
-    restored, _, meta = training.load_checkpoint(path, params, opt_state)
-    assert meta["epoch"] == 1 and tree_equal(restored, params)
+    restored, meta = load_checkpoint(path, state_of(params))
+    assert meta["epoch"] == 1 and tree_equal(restored.params, params)
+    assert (restored.step, restored.epoch) == (8, 1)
 
 
 def test_checkpoint_that_does_not_match_the_model(tmp_path, lenet):
     _, params = lenet
-    opt_state = training.make_optimizer("adam", LR).init(params)
     path = tmp_path / "checkpoint.npz"
-    training.save_checkpoint(path, params, opt_state, {"epoch": 1, "step": 8})
+    save_checkpoint(path, state_of(params, step=8, epoch=1))
     _, other = models.small_cnn().init(jax.random.key(0), (-1, 28, 28, 1))
     # The first mismatch in tree order (dict keys sorted: "bias" before "kernel").
     with pytest.raises(ValueError, match=r"does not match the model: \['params'\]\[0\]\['bias'\] "
                                          r"has shape \(6,\) in the checkpoint but \(32,\) in "
                                          r"the model"):
-        training.load_checkpoint(path, other, training.make_optimizer("adam", LR).init(other))
+        load_checkpoint(path, state_of(other))
     with pytest.raises(ValueError, match=r"it has no entry \['opt_state'\]\[0\]\.trace"):
-        training.load_checkpoint(path, params, training.make_optimizer("momentum", LR).init(params))
+        load_checkpoint(path, state_of(params, "momentum"))
+
+
+def test_model_state_is_saved_and_restored_by_name(tmp_path, lenet):
+    """The checkpoint stores non-trainable layer state (batch norm statistics, once a layer
+    has any) under ['model_state'], and a template without it refuses such a file."""
+    _, params = lenet
+    path = tmp_path / "checkpoint.npz"
+    stats = [{}, {"mean": jnp.arange(3.0), "var": jnp.ones(3)}]
+    save_checkpoint(path, state_of(params, step=8, epoch=1)._replace(model_state=stats))
+    with np.load(path) as f:
+        assert {"['model_state'][1]['mean']", "['model_state'][1]['var']"} <= set(f.files)
+    like = state_of(params)._replace(model_state=[{}, {"mean": jnp.zeros(3), "var": jnp.zeros(3)}])
+    restored, _ = load_checkpoint(path, like)
+    assert tree_equal(restored.model_state, stats) and tree_equal(restored.params, params)
+    with pytest.raises(ValueError, match=r"the checkpoint has 2 entries the model has not, the "
+                                         r"first \['model_state'\]\[1\]\['mean'\]"):
+        load_checkpoint(path, state_of(params))
+
+
+def test_a_checkpoint_written_before_model_state_existed_still_loads(tmp_path, lenet):
+    """The entries of a checkpoint written before TrainState had a model_state: params and
+    optimizer state only."""
+    _, params = lenet
+    path = tmp_path / "checkpoint.npz"
+    state = state_of(params, step=8, epoch=1)
+    save_checkpoint(path, state)
+    with np.load(path) as f:
+        entries = {name: f[name] for name in f.files}
+    assert not [name for name in entries if name.startswith("['model_state']")]
+    assert all(name.startswith(("['params']", "['opt_state']")) for name in entries
+               if name != "__meta__")
+    old = tmp_path / "old.npz"
+    np.savez(old, **entries)
+    restored, meta = load_checkpoint(old, state_of(params))
+    assert restored.model_state == {} and tree_equal(restored.params, params)
+    assert tree_equal(restored.opt_state, state.opt_state) and meta["step"] == 8
 
 
 def test_resume_with_another_model_names_the_parameter(tmp_path, tiny):
@@ -385,14 +439,13 @@ def test_resume_with_another_model_names_the_parameter(tmp_path, tiny):
 
 def test_unreadable_checkpoints(tmp_path, lenet):
     _, params = lenet
-    opt_state = training.make_optimizer("adam", LR).init(params)
     path = tmp_path / "checkpoint.npz"
     path.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ValueError, match=r"is not a readable checkpoint"):
-        training.load_checkpoint(path, params, opt_state)
+        load_checkpoint(path, state_of(params))
     np.savez(path, w=np.zeros(3))
     with pytest.raises(ValueError, match=r"is not a jaxcnn checkpoint: expected format"):
-        training.load_checkpoint(path, params, opt_state)
+        load_checkpoint(path, state_of(params))
 
 
 # ------------------------------------------------------------------------------------------
@@ -433,9 +486,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny
             rf"training stopped and the last good checkpoint, .*checkpoint.npz \(epoch 1\), is "
             rf"left as it was")):
         training.fit(config(tmp_path, epochs=2, resume=True), dataset=poisoned)
-    params, opt_state, meta = training.load_checkpoint(
-        tmp_path / "run" / "checkpoint.npz", first.params, first.opt_state)
-    assert meta["epoch"] == 1 and tree_equal(params, first.params)
+    state, meta = load_checkpoint(tmp_path / "run" / "checkpoint.npz", first.state)
+    assert meta["epoch"] == 1 and tree_equal(state.params, first.params)
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
@@ -461,7 +513,7 @@ HISTORY = [{"epoch": e, "train_loss": 1.0 / e, "test_loss": 1.2 / e, "test_accur
 def test_plots(tmp_path, lenet):
     pytest.importorskip("matplotlib")
     _, params = lenet
-    paths = training.save_plots(tmp_path, HISTORY, params)
+    paths = _report.save_plots(tmp_path, HISTORY, params)
     assert [p.name for p in paths] == ["curves.png", "filters.png"]
     for p in paths:
         assert p.read_bytes()[:4] == b"\x89PNG"
@@ -470,7 +522,7 @@ def test_plots(tmp_path, lenet):
 def test_plots_skipped_without_matplotlib(tmp_path, lenet, monkeypatch, capsys):
     _, params = lenet
     monkeypatch.setitem(sys.modules, "matplotlib", None)   # `import matplotlib` now fails
-    assert training.save_plots(tmp_path, HISTORY, params) == []
+    assert _report.save_plots(tmp_path, HISTORY, params) == []
     assert capsys.readouterr().out.strip() == (
         "plots skipped: matplotlib not installed (pip install jaxcnn[plot])")
     assert list(tmp_path.iterdir()) == []
