@@ -20,7 +20,8 @@ from .nn import count_params
 METRICS = "metrics.jsonl"  # one JSON record per finished epoch
 SUMMARY = "summary.json"   # the final metrics, configuration, versions, backend
 PLOTS = ("curves.png", "filters.png")
-PLOTS_SKIPPED = "plots skipped: matplotlib not installed (pip install jaxcnn[plot])"
+PLOTS_SKIPPED = ('plots skipped: matplotlib not installed (pip install -e ".[plot]" in the jaxcnn '
+                 'checkout, as in the README)')
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import zipfile
 import zlib
 
 import jax
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _io, parallel
+from ._shapes import is_int
 
 FILENAME = "checkpoint.npz"  # the checkpoint's name in a run's output directory
 FORMAT = "jaxcnn-checkpoint-v1"
@@ -40,10 +40,19 @@ def save_checkpoint(path, state, meta: dict | None = None) -> None:
     The file is written to a temporary file in the same directory, flushed and fsynced, renamed
     over ``path`` with ``os.replace``, and the directory is fsynced: a kill at any moment leaves
     either the old or the new checkpoint, complete (:func:`jaxcnn._io.atomic_write`).
+
+    Raises:
+      FloatingPointError: an array holds NaN or infinite values (named); nothing is written, so
+        a checkpoint already at ``path`` stays as it was.
     """
-    named = _named_leaves(state)
+    named = named_leaves(state)
     values = parallel.host([leaf for _, leaf in named])  # one transfer, this process's copies
     arrays = {name: np.asarray(value) for (name, _), value in zip(named, values)}
+    bad = first_non_finite(arrays)
+    if bad is not None:
+        raise FloatingPointError(
+            f"save_checkpoint: {bad} holds NaN or infinite values; a checkpoint never holds "
+            f"them, so {path} was not written (a checkpoint already there is left as it was)")
     meta = {"format": FORMAT, **(meta or {}), "step": int(state.step), "epoch": int(state.epoch)}
     arrays[META_KEY] = np.array(json.dumps(meta))
     _io.atomic_write(path, lambda f: np.savez(f, **arrays))
@@ -66,8 +75,14 @@ def load_checkpoint(path, like):
     fn = "load_checkpoint"
     path = pathlib.Path(path)
     stored, meta = _read_npz(fn, path)
+    bad = first_non_finite(stored)
+    if bad is not None:
+        raise ValueError(
+            f"{fn}: {path} holds non-finite values: {bad} has NaN or infinite entries; jaxcnn "
+            f"never saves such a state, so the file was damaged or written by other code: use "
+            f"another checkpoint, or start again with --overwrite")
     restored = []
-    for name, leaf in _named_leaves(like):
+    for name, leaf in named_leaves(like):
         if name not in stored:
             raise ValueError(
                 f"{fn}: {path} does not match the model: it has no entry {name} (shape "
@@ -98,6 +113,28 @@ def load_checkpoint(path, like):
         trees[field] = jax.tree_util.tree_unflatten(treedef, restored[:treedef.num_leaves])
         restored = restored[treedef.num_leaves:]
     return like._replace(**trees, step=meta["step"], epoch=meta["epoch"]), meta
+
+
+def check_exists(path, hint: str = "") -> None:
+    """Raise FileNotFoundError unless there is a checkpoint file at ``path``."""
+    if not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"load_checkpoint: no checkpoint at {path}{hint}")
+
+
+def first_non_finite(arrays: dict) -> str | None:
+    """The name of the first floating-point array of ``{name: array}`` (in its order) that
+    holds NaN or an infinity, or None."""
+    for name, value in arrays.items():
+        if np.issubdtype(value.dtype, np.inexact) and not np.isfinite(value).all():
+            return name
+    return None
+
+
+def malformed(fn: str, path, detail: str) -> ValueError:
+    """The error for checkpoint metadata that is missing or wrong, naming the file."""
+    return ValueError(f"{fn}: {path} has malformed metadata: {detail}; the file is damaged or "
+                      f"was not written by jaxcnn: use another checkpoint, or start again with "
+                      f"--overwrite")
 
 
 def load_everywhere(path, like):
@@ -131,7 +168,7 @@ def load_everywhere(path, like):
     return state, meta
 
 
-def _named_leaves(state):
+def named_leaves(state):
     """``[(name, leaf)]`` over the trees of :data:`TREES` in order, each leaf named by its
     tree's field and its ``keystr`` path."""
     named = []
@@ -142,19 +179,66 @@ def _named_leaves(state):
 
 
 def _read_npz(fn, path: pathlib.Path):
-    """The arrays (without the metadata) and the metadata of a checkpoint file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{fn}: no checkpoint at {path}")
+    """The arrays (without the metadata) and the checked metadata of a checkpoint file."""
+    check_exists(path)
     try:
-        with np.load(path, allow_pickle=False) as f:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError(f"a single .npy array, not a .npz archive")
+        with loaded as f:
             stored = {name: f[name] for name in f.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise ValueError(f"{fn}: {path} is not a readable checkpoint: {err}") from err
-    meta_entry = stored.pop(META_KEY, None)
-    meta = json.loads(str(meta_entry)) if meta_entry is not None else {}
+    except Exception as err:  # noqa: BLE001 - zipfile, zlib, numpy and the OS raise a dozen
+        # types for a damaged file (BadZipFile, NotImplementedError for an unknown compression,
+        # RuntimeError for an encrypted entry, EOFError, struct.error, ...): all mean the same.
+        raise ValueError(f"{fn}: {path} is not a readable checkpoint: {type(err).__name__}: "
+                         f"{err}; use another checkpoint, or start again with --overwrite"
+                         ) from err
+    for name, value in stored.items():
+        if not isinstance(value, np.ndarray):  # a zip member that is not a .npy file
+            raise ValueError(f"{fn}: {path} is not a jaxcnn checkpoint: its entry {name!r} is "
+                             f"not a .npy array")
+    return stored, _read_meta(fn, path, stored.pop(META_KEY, None))
+
+
+def _read_meta(fn, path, entry) -> dict:
+    """The metadata of the ``__meta__`` entry, checked field by field: ``format``, ``step`` and
+    ``epoch`` (the fields of the run that wrote it are checked by :mod:`jaxcnn.training`)."""
+    if entry is None:
+        raise ValueError(f"{fn}: {path} is not a jaxcnn checkpoint: expected format {FORMAT!r} "
+                         f"in its {META_KEY} entry; got no {META_KEY} entry")
+    if entry.dtype.kind != "U" or entry.ndim != 0:
+        raise malformed(fn, path, f"its {META_KEY} entry must be a JSON string; got an array of "
+                                  f"dtype {entry.dtype} and shape {entry.shape}")
+    try:
+        meta = json.loads(str(entry))
+    except ValueError as err:
+        raise malformed(fn, path, f"its {META_KEY} entry is not valid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise malformed(fn, path, f"its {META_KEY} entry must be a JSON object; got "
+                                  f"{type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise ValueError(
             f"{fn}: {path} is not a jaxcnn checkpoint: expected format {FORMAT!r} in its "
             f"{META_KEY} entry; got {meta.get('format')!r}"
         )
-    return stored, meta
+    for field in ("step", "epoch"):
+        check_field(fn, path, meta, field, is_count, "an int >= 0")
+    return meta
+
+
+def check_field(fn, path, record: dict, field: str, ok, expected: str, where: str = ""):
+    """``record[field]`` if ``ok(value)``; else the :func:`malformed` error saying what was
+    expected (``where`` names the record, e.g. ``"history[2]"``)."""
+    name = f"{where}.{field}" if where else field
+    if field not in record:
+        raise malformed(fn, path, f"it has no field {name!r}")
+    value = record[field]
+    if not ok(value):
+        raise malformed(fn, path, f"field {name!r} must be {expected}; got "
+                                  f"{type(value).__name__} {value!r:.60}")
+    return value
+
+
+def is_count(value) -> bool:
+    """An int >= 0 (not a bool): a step, an epoch."""
+    return is_int(value) and value >= 0

@@ -31,11 +31,14 @@ a resumed run on the same machine ends with exactly the parameters of an uninter
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import pathlib
+import signal
 import sys
+import threading
 import time
 from functools import partial
 from typing import Any, Callable, NamedTuple
@@ -45,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import __version__, _report, _shapes, checkpoint, data, parallel
+from . import __version__, _report, _rundir, _shapes, checkpoint, data, parallel
 from ._shapes import IMPLS
 from .activations import log_softmax
 from .checkpoint import load_everywhere, save_checkpoint
@@ -75,12 +78,16 @@ class TrainConfig:
       impl: ``"manual"`` (the hand-derived gradients) or ``"lax"`` (JAX's autodiff).
       epochs: total number of epochs (a resumed run trains up to this many).
       batch_size: training batch size, >= 1 and <= the number of training examples.
-      lr: learning rate, > 0.
+      lr: peak learning rate, a finite number > 0 that float32 holds (the update's dtype).
       optimizer: one of :data:`OPTIMIZERS`.
       seed: seed of the initial parameters, the batch order and the synthetic data.
-      out: output directory; None: ``runs/<dataset>-<model>-<impl>-seed<seed>``.
-      resume: continue from the checkpoint in ``out``.
+      out: output directory; None: ``runs/<dataset>-<model>-<impl>-seed<seed>``. One run at a
+        time holds it; a new run refuses one that holds another run's files.
+      resume: continue the run whose checkpoint is in ``out``, with its own ``epochs`` (or
+        more, once it has finished).
       eval_only: only evaluate the checkpoint in ``out`` on the test set.
+      overwrite: start a new run in ``out`` even though it holds another run's files, which are
+        removed first.
       n_train, n_test: use only this many examples (None: the whole split).
       devices: train data-parallel on this many devices (None: every device JAX sees, in every
         process); ``batch_size`` must be divisible by it. See :mod:`jaxcnn.parallel`.
@@ -102,6 +109,7 @@ class TrainConfig:
     out: str | None = None
     resume: bool = False
     eval_only: bool = False
+    overwrite: bool = False
     n_train: int | None = None
     n_test: int | None = None
     devices: int | None = None
@@ -120,16 +128,15 @@ class TrainConfig:
         for name in ("n_train", "n_test", "devices"):
             if getattr(self, name) is not None:
                 _shapes.check_int(fn, name, getattr(self, name), minimum=1)
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)):
-            raise TypeError(f"{fn}: lr must be a number; got {type(self.lr).__name__} {self.lr!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"{fn}: lr must be a finite number > 0; got {self.lr!r}")
+        _check_lr(fn, self.lr)
         for name in ("data_dir", "out"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, os.PathLike)):
                 raise TypeError(f"{fn}: {name} must be a path or None; got {value!r}")
-        if self.resume and self.eval_only:
-            raise ValueError(f"{fn}: resume and eval_only exclude each other; got both True")
+        modes = [name for name in ("resume", "eval_only", "overwrite")
+                 if _shapes.check_bool(fn, name, getattr(self, name))]
+        if len(modes) > 1:
+            raise ValueError(f"{fn}: {modes[0]} and {modes[1]} exclude each other; got both True")
 
     @property
     def out_dir(self) -> pathlib.Path:
@@ -159,10 +166,19 @@ class Optimizer(NamedTuple):
     lr: float
     decay_steps: int | None = None
 
+    def schedule(self):
+        """The learning rate: a function of the step count, or the constant ``lr``."""
+        if self.decay_steps is None:
+            return self.lr
+        return optax.cosine_decay_schedule(self.lr, self.decay_steps)
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of the update at step count ``step``."""
+        schedule = self.schedule()
+        return float(schedule(step)) if callable(schedule) else schedule
+
     def transform(self) -> optax.GradientTransformation:
-        lr = self.lr
-        if self.decay_steps is not None:
-            lr = optax.cosine_decay_schedule(self.lr, self.decay_steps)
+        lr = self.schedule()
         if self.name == "adam":
             return optax.adam(lr)
         if self.name == "sgd":
@@ -187,11 +203,27 @@ def make_optimizer(name: str, lr: float, decay_steps: int | None = None) -> Opti
     """
     fn = "make_optimizer"
     _shapes.check_choice(fn, "name", name, OPTIMIZERS)
-    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0):
-        raise ValueError(f"{fn}: lr must be a number > 0; got {lr!r}")
+    lr = _check_lr(fn, lr)
     if decay_steps is not None:
         decay_steps = _shapes.check_int(fn, "decay_steps", decay_steps, minimum=1)
-    return Optimizer(name, float(lr), decay_steps)
+    return Optimizer(name, lr, decay_steps)
+
+
+_FLOAT32 = np.finfo(np.float32)
+
+
+def _check_lr(fn: str, lr) -> float:
+    """``lr`` as a float, if it is a finite number > 0 that float32 (the dtype of the update)
+    holds without overflowing to infinity or rounding to 0."""
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise TypeError(f"{fn}: lr must be a number; got {type(lr).__name__} {lr!r}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"{fn}: lr must be a finite number > 0; got {lr!r}")
+    if lr > float(_FLOAT32.max) or np.float32(lr) == 0:
+        raise ValueError(f"{fn}: lr must lie in {float(_FLOAT32.smallest_subnormal)!r}.."
+                         f"{float(_FLOAT32.max)!r}, the positive range of float32 (the dtype of "
+                         f"the update); got {lr!r}")
+    return float(lr)
 
 
 class TrainState(NamedTuple):
@@ -328,6 +360,23 @@ class Preempted(Exception):
     every process at the same step; the checkpoint of the last finished epoch is kept."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread by a signal handler such as ``train.py``'s (in a
+    single process; a multi-process run stops together through :class:`Preempted`)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """:func:`fit` stopped by Ctrl-C (SIGINT) or :class:`Terminated` (SIGTERM).
+
+    ``str(err)`` says what is on disk and what to do next; ``exit_code`` is 130 or 143 (128 +
+    the signal's number), what the process would have returned had the signal ended it.
+    """
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 @dataclasses.dataclass(frozen=True)
 class FitResult:
     """What :func:`fit` returns: the final train state and the per-epoch records."""
@@ -376,18 +425,37 @@ class _Run(NamedTuple):
     checkpoint: pathlib.Path
 
 
+@dataclasses.dataclass
+class _OnDisk:
+    """What one call of :func:`fit` has on disk, for the message of an interrupt."""
+
+    claimed: bool = False      # it holds the output directory and may have written there
+    resuming: bool = False     # it continues the checkpoint there
+    saved: int | None = None   # the epoch of that checkpoint (read or written); None: none yet
+    training: int = 1          # the epoch being trained (1-based)
+
+
 def fit(config: TrainConfig, *, dataset=None) -> FitResult:
     """Train ``config.model`` on ``config.dataset``, evaluating and checkpointing every epoch.
 
     Prints one line per epoch (train loss, test loss, test accuracy, images per second), shows
     a progress bar when stderr is a terminal, and leaves the files listed in the module
-    docstring in ``config.out_dir``.
+    docstring in ``config.out_dir``, which it holds alone while it runs (see
+    :mod:`jaxcnn._rundir`). After each epoch the checkpoint is written first, then the epoch's
+    line of ``metrics.jsonl``; ``summary.json`` is written last and removed by a run that trains
+    on, so after a crash at any moment ``metrics.jsonl`` lists no epoch the checkpoint lacks
+    and ``summary.json``, if there, describes the checkpoint beside it.
 
     Runs data-parallel on ``config.devices`` devices (default: all of them, in every process of
     a multi-process run started with :func:`jaxcnn.parallel.initialize`): params and optimizer
     state replicated, every batch split over the devices, each process loading only the rows
-    its own devices take. Process 0 alone prints and writes files; every process reads the
-    checkpoint when resuming.
+    its own devices take. Process 0 alone holds the directory, prints and writes files; every
+    process reads the checkpoint when resuming.
+
+    Resuming (``config.resume``) continues the checkpoint's run with its own learning-rate
+    schedule, so ``config.epochs`` must be the run's; a finished run is reported as finished,
+    or, with a larger ``epochs``, extended (the cosine then spans the new number of epochs, and
+    a note says so).
 
     Args:
       config: a :class:`TrainConfig`.
@@ -397,52 +465,58 @@ def fit(config: TrainConfig, *, dataset=None) -> FitResult:
     Raises:
       ValueError: a bad configuration, labels outside ``0..num_classes-1``, a batch size larger
         than the training set or not divisible by the number of devices, more devices than
-        there are, a checkpoint that does not match the model (and the errors of
+        there are, a checkpoint that is damaged, holds non-finite values or does not match the
+        model, or a resume that would change the run's schedule (and the errors of
         :func:`jaxcnn.data.load_dataset`).
       FileNotFoundError: data files missing, or ``resume`` / ``eval_only`` without a checkpoint.
-      FloatingPointError: the training loss became non-finite; the message names the step, and
-        the last checkpoint (from the epoch before) is left as it was.
+      FileExistsError: ``out`` holds another run's files and neither ``resume`` nor
+        ``overwrite`` is set.
+      RuntimeError: another run holds ``out``.
+      OSError: a file could not be written; the message names it and the epoch, and says what
+        is still on disk.
+      FloatingPointError: a training loss, the parameters or the test loss became non-finite;
+        nothing of that epoch is written and the last checkpoint is left as it was.
+      Interrupted: Ctrl-C or SIGTERM (:class:`Terminated`); the message says what is on disk.
     """
     fn = "fit"
     if not isinstance(config, TrainConfig):
         raise TypeError(f"{fn}: config must be a TrainConfig; got {type(config).__name__}")
     started = time.perf_counter()
-    run = _prepare(fn, config, dataset)
-    state = _initial_state(run)
-    if config.eval_only:
-        return _eval_only(run, state)
-    history = []
-    if config.resume:
-        state, history = _resume(run, state)
-    state = _replicate(state, run.mesh)
-    _on_main_process(lambda: _start(run, state, history), f"{fn}: creating {run.out / METRICS}")
-    losses = []
-    for _ in range(state.epoch, config.epochs):
-        state, record, epoch_losses = _train_and_evaluate(run, state)
-        history.append(record)
-        losses.append(epoch_losses)
-        _on_main_process(lambda: _save_epoch(run, state, history),
-                         f"{fn}: writing epoch {state.epoch}'s metrics and checkpoint in "
-                         f"{run.out}")
-    summary = _report.summary(config, history, state.params, state.step,
-                              time.perf_counter() - started, run.mesh)
-    _on_main_process(lambda: _finish(run, state, history, summary),
-                     f"{fn}: writing {run.out / SUMMARY}")
-    return FitResult(state, history, summary, np.concatenate(losses) if losses else np.zeros(0))
+    disk = _OnDisk()
+    try:
+        run = _prepare(fn, config, dataset)
+        state = _initial_state(run)
+        if config.eval_only:
+            return _eval_only(run, state)
+        with contextlib.ExitStack() as held:
+            _on_main_process(
+                lambda: held.enter_context(_rundir.claim(
+                    fn, run.out, resume=config.resume, overwrite=config.overwrite)),
+                f"{fn}: taking the output directory {run.out}")
+            disk.claimed, disk.resuming = True, config.resume
+            return _train(run, state, disk, started)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt as err:
+        raise _interrupted(config, disk, err) from err
 
 
 def _prepare(fn, config: TrainConfig, dataset) -> _Run:
     """Load and check the data, pick the devices, and resolve the model and the optimizer
-    (with the one learning-rate schedule of the run) before anything is compiled or written."""
+    (with the one learning-rate schedule of the run: a cosine over ``config.epochs`` epochs)
+    before anything is compiled or written."""
+    out = config.out_dir
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{fn}: the output directory {out} is an existing file, not a "
+                              f"directory; choose another --out (a directory, created if "
+                              f"missing)")
     ds = _load(config) if dataset is None else dataset
     _check_dataset(fn, ds, config)
     mesh = parallel.data_mesh(config.devices)
     if not config.eval_only:
         parallel.check_divisible(fn, "batch_size", config.batch_size, mesh)
     steps = data.num_batches(len(ds.train_x), config.batch_size)
-    optimizer = make_optimizer(config.optimizer, float(config.lr),
-                               decay_steps=config.epochs * steps)
-    out = config.out_dir
+    optimizer = make_optimizer(config.optimizer, config.lr, decay_steps=config.epochs * steps)
     return _Run(config, ds, mesh, _Model(config.model, ds.num_classes), optimizer, steps, out,
                 out / CHECKPOINT)
 
@@ -460,16 +534,40 @@ def _replicate(state: TrainState, mesh) -> TrainState:
     return state._replace(params=params, model_state=model_state, opt_state=opt_state)
 
 
-def _resume(run: _Run, state: TrainState):
-    """The checkpoint's state and history; say which settings differ from its."""
-    state, meta = load_everywhere(run.checkpoint, state)
-    if parallel.is_main_process():
-        _note_config_changes(run.config, meta["config"])
-    return state, meta["history"]
+def _train(run: _Run, state: TrainState, disk: _OnDisk, started: float) -> FitResult:
+    """With the output directory held: start or resume, then train epoch by epoch, writing the
+    checkpoint and the metrics after each, and the summary at the end."""
+    fn = "fit"
+    history = []
+    if run.config.resume:
+        state, history = _resume(run, state)
+        disk.saved = state.epoch
+        if state.epoch == run.config.epochs:
+            return _finished(run, state, history, started)
+    state = _replicate(state, run.mesh)
+    _on_main_process(lambda: _start(run, state, history), f"{fn}: writing {run.out / METRICS}")
+    losses = []
+    for _ in range(state.epoch, run.config.epochs):
+        disk.training = state.epoch + 1
+        state, record, epoch_losses = _train_and_evaluate(run, state)
+        history.append(record)
+        losses.append(epoch_losses)
+        with _signals_deferred():  # the files and `disk` change together
+            _on_main_process(lambda: _save_epoch(run, state, history),
+                             f"{fn}: writing epoch {state.epoch}'s metrics and checkpoint in "
+                             f"{run.out}")
+            disk.saved = state.epoch
+    summary = _report.summary(run.config, history, state.params, state.step,
+                              time.perf_counter() - started, run.mesh)
+    _on_main_process(lambda: _finish(run, state, history, summary),
+                     f"{fn}: writing {run.out / SUMMARY}")
+    return FitResult(state, history, summary, np.concatenate(losses) if losses else np.zeros(0))
 
 
 def _start(run: _Run, state: TrainState, history) -> None:
-    run.out.mkdir(parents=True, exist_ok=True)
+    """Process 0, before the first step: drop results that would describe an older checkpoint,
+    make ``metrics.jsonl`` list exactly the checkpoint's epochs, print the header."""
+    _rundir.remove_results(run.out)
     _report.write_metrics(run.out / METRICS, history)
     print(_report.header(run.config, run.ds, state.params, state.epoch, run.mesh), flush=True)
 
@@ -501,7 +599,7 @@ def train_epoch(run: _Run, state: TrainState):
                 raise Preempted(_preempted(run, state, step))
             if len(pending) == SYNC_EVERY or i == run.steps_per_epoch - 1:
                 losses = np.asarray(parallel.host(pending), np.float64)
-                _check_finite(losses, step + 1 - len(pending), run, state.epoch)
+                _check_losses(losses, step + 1 - len(pending), run, state.epoch)
                 done.append(losses)
                 bar.update(len(pending))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -528,20 +626,25 @@ def _preempted(run: _Run, state: TrainState, step: int) -> str:
             f"(epoch {state.epoch}), is left as it was")
 
 
-def _check_finite(losses, first_step, run: _Run, epoch: int):
+def _check_losses(losses, first_step, run: _Run, epoch: int):
     """Raise FloatingPointError naming the first step whose loss is not finite."""
     bad = np.flatnonzero(~np.isfinite(losses))
     if not bad.size:
         return
     step = first_step + int(bad[0])
     batch = step - epoch * run.steps_per_epoch
-    kept = (f"the last good checkpoint, {run.checkpoint} (epoch {epoch}), is left as it was"
-            if epoch > 0 and run.checkpoint.exists() else "no checkpoint had been written yet")
     raise FloatingPointError(
         f"fit: the training loss is {losses[bad[0]]} at step {step} (epoch {epoch + 1}, batch "
-        f"{batch} of {run.steps_per_epoch}); training stopped and {kept}. Check the data for "
-        f"NaN or infinite values, or lower the learning rate (lr={run.config.lr})"
+        f"{batch} of {run.steps_per_epoch}); training stopped and {_kept(run, epoch)}. Check "
+        f"the data for NaN or infinite values, or lower the learning rate (lr={run.config.lr})"
     )
+
+
+def _kept(run: _Run, epoch: int) -> str:
+    """What is on disk when epoch ``epoch + 1`` fails before its checkpoint is written."""
+    if epoch > 0 and run.checkpoint.is_file():
+        return f"the last good checkpoint, {run.checkpoint} (epoch {epoch}), is left as it was"
+    return "no checkpoint had been written yet"
 
 
 def _train_and_evaluate(run: _Run, state: TrainState):
@@ -549,6 +652,7 @@ def _train_and_evaluate(run: _Run, state: TrainState):
     state, losses, seconds = train_epoch(run, state)
     test = evaluate(state.params, run.ds.test_x, run.ds.test_y, apply=run.model,
                     impl=run.config.impl, dtype=run.config.dtype, mesh=run.mesh)
+    _check_state(run, state, test)
     record = {
         "epoch": state.epoch,
         "step": state.step,
@@ -561,11 +665,57 @@ def _train_and_evaluate(run: _Run, state: TrainState):
     return state, record, losses
 
 
+def _check_state(run: _Run, state: TrainState, test) -> None:
+    """Raise FloatingPointError, before anything of the epoch is written, when its last steps
+    left non-finite values in the state, or a non-finite test loss: the losses checked during
+    the epoch are those *before* each update, so the last update is checked here."""
+    named = checkpoint.named_leaves(state)
+    finite, largest = parallel.host(_finite_leaves([leaf for _, leaf in named], state.params))
+    epoch, kept, lr = state.epoch, _kept(run, state.epoch - 1), run.config.lr
+    if not all(finite):
+        name = named[list(finite).index(False)][0]
+        raise FloatingPointError(
+            f"fit: after epoch {epoch} (step {state.step}) {name} holds NaN or infinite values, "
+            f"although every training loss of the epoch was finite: an update at the end of the "
+            f"epoch blew up. Training stopped and {kept}. Lower the learning rate (lr={lr})")
+    if not math.isfinite(test["loss"]):
+        raise FloatingPointError(
+            f"fit: after epoch {epoch} (step {state.step}) the test loss is {test['loss']} "
+            f"although the parameters are finite (the largest |parameter| is {largest:.3g}): "
+            f"either the last updates made them too large or the test data hold NaN or infinite "
+            f"values. Training stopped and {kept}. Check the data, or lower the learning rate "
+            f"(lr={lr})")
+
+
+@jax.jit
+def _finite_leaves(leaves, params):
+    """Whether each leaf is free of NaN and infinities, and the largest |parameter|."""
+    finite = [jnp.all(jnp.isfinite(leaf)) for leaf in leaves]
+    largest = jnp.max(jnp.stack([jnp.max(jnp.abs(p)).astype(jnp.float32)
+                                 for p in jax.tree_util.tree_leaves(params)]))
+    return finite, largest
+
+
 def _save_epoch(run: _Run, state: TrainState, history) -> None:
-    """Process 0, after each epoch: the metrics record, the checkpoint, the console line."""
-    _report.append_metrics(run.out / METRICS, history[-1])
-    save_checkpoint(run.checkpoint, state, _run_meta(run.config, state, history))
+    """Process 0, after each epoch: the checkpoint first, then the epoch's line of
+    ``metrics.jsonl`` (so it never lists an epoch that no checkpoint has), then the console
+    line. A failed write names the file, the epoch and what is still on disk."""
+    epoch, metrics = state.epoch, run.out / METRICS
+    _write(run.checkpoint, epoch, _kept(run, epoch - 1),
+           lambda: save_checkpoint(run.checkpoint, state, _run_meta(run.config, state, history)))
+    _write(metrics, epoch, f"the checkpoint, {run.checkpoint} (epoch {epoch}), is complete; "
+                           f"--resume rewrites {METRICS} from it",
+           lambda: _report.append_metrics(metrics, history[-1]))
     print(_report.epoch_line(history[-1], run.config.epochs), flush=True)
+
+
+def _write(path, epoch: int, kept: str, write: Callable[[], None]) -> None:
+    """``write()``; an OSError is raised again naming ``path``, ``epoch`` and ``kept``."""
+    try:
+        write()
+    except OSError as err:
+        raise OSError(f"fit: could not write {path} after epoch {epoch}: {err}; training "
+                      f"stopped and {kept}") from err
 
 
 def _run_meta(config: TrainConfig, state: TrainState, history) -> dict:
@@ -582,30 +732,136 @@ def _run_meta(config: TrainConfig, state: TrainState, history) -> dict:
 
 def _finish(run: _Run, state: TrainState, history, summary) -> None:
     """Process 0, at the end: summary.json, the plots, the final console line."""
-    _report.write_summary(run.out / SUMMARY, summary)
-    _report.save_plots(run.out, history, parallel.host(state.params))
+    _write_results(run, state, history, summary)
     if history:
         print(_report.final_line(history[-1], summary["wall_time_seconds"], run.out),
               flush=True)
 
 
-def _eval_only(run: _Run, state: TrainState) -> FitResult:
-    """Evaluate the checkpoint in ``config.out`` on the test set and print the result."""
+def _write_results(run: _Run, state: TrainState, history, summary) -> None:
+    kept = (f"the checkpoint, {run.checkpoint} (epoch {state.epoch}), is complete; run again "
+            f"with --resume to write the summary and plots")
+    _write(run.out / SUMMARY, state.epoch, kept,
+           lambda: _report.write_summary(run.out / SUMMARY, summary))
+    _write(run.out, state.epoch, kept.replace("the summary and plots", "the plots"),
+           lambda: _report.save_plots(run.out, history, parallel.host(state.params)))
+
+
+def _finished(run: _Run, state: TrainState, history, started: float) -> FitResult:
+    """``resume`` of a run that has trained all its epochs: say so, and write its summary if
+    it is missing (a kill between the last checkpoint and the summary)."""
+    summary = _report.summary(run.config, history, state.params, state.step,
+                              time.perf_counter() - started, run.mesh)
+
+    def report():
+        wrote = ""
+        if not (run.out / SUMMARY).is_file():
+            _write_results(run, state, history, summary)
+            wrote = f"; its {SUMMARY} was missing and is written now"
+        print(f"the run in {run.out} is finished: it has trained all "
+              f"{_report.plural(state.epoch, 'epoch')} (step {state.step}){wrote}; nothing to "
+              f"train. To train longer, resume it with a larger --epochs", flush=True)
+
+    _on_main_process(report, f"fit: writing {run.out / SUMMARY}")
+    return FitResult(state, history, summary)
+
+
+# --------------------------------------------------------------------------------------------
+# Resuming and evaluating a checkpoint.
+
+
+def _resume(run: _Run, state: TrainState):
+    """The checkpoint's state and history, once its schedule allows this resume."""
     state, meta = load_everywhere(run.checkpoint, state)
-    state = state._replace(params=parallel.replicate(state.params, run.mesh))
-    test = evaluate(state.params, run.ds.test_x, run.ds.test_y, apply=run.model,
-                    impl=run.config.impl, dtype=run.config.dtype, mesh=run.mesh)
+    saved = _saved_config(run.checkpoint, state, meta)
+    extension = _check_schedule(run, state, saved)
     if parallel.is_main_process():
-        print(_report.eval_line(run.checkpoint, state, test), flush=True)
-    summary = {"test_loss": test["loss"], "test_accuracy": test["accuracy"],
-               "checkpoint": str(run.checkpoint)}
-    return FitResult(state, meta["history"], summary)
+        _note_config_changes(run.config, meta["config"])
+        if extension:
+            print(extension, flush=True)
+    return state, meta["history"]
+
+
+def _check_schedule(run: _Run, state: TrainState, saved: TrainConfig) -> str | None:
+    """Refuse a resume that would change an unfinished run's learning-rate schedule or go past
+    ``config.epochs``; for a finished run resumed to more epochs, the note that says so."""
+    fn, epochs, done, planned = "fit", run.config.epochs, state.epoch, saved.epochs
+    if done > epochs:
+        raise ValueError(
+            f"{fn}: the checkpoint {run.checkpoint} is at epoch {done}, past --epochs {epochs}; "
+            f"resume it with --epochs {planned} (its own), or evaluate it with --eval-only")
+    if done < planned and epochs != planned:
+        raise ValueError(
+            f"{fn}: the run in {run.out} was started for {planned} epochs and stopped after "
+            f"epoch {done}; resuming it with --epochs {epochs} would change its cosine "
+            f"learning-rate schedule, which spans all {planned} epochs, so the result would "
+            f"match no uninterrupted run. Resume it with --epochs {planned}; to train longer on "
+            f"purpose, let it finish, then resume the finished run with a larger --epochs")
+    if done == planned < epochs:
+        return (f"note: extending the finished {planned}-epoch run to {epochs} epochs: its "
+                f"cosine learning-rate schedule now spans {epochs} epochs and continues at step "
+                f"{state.step} with lr {run.optimizer.learning_rate(state.step):.3g}, so the "
+                f"result differs from an uninterrupted {epochs}-epoch run")
+    return None
+
+
+def _saved_config(path, state: TrainState, meta: dict) -> TrainConfig:
+    """The configuration of the run that wrote a checkpoint, with the run's fields of its
+    metadata (``config``, ``rng``, ``history``) checked one by one; errors name the file."""
+    fn, defaults = "fit", TrainConfig().to_json()
+    fields = checkpoint.check_field(fn, path, meta, "config", lambda v: isinstance(v, dict),
+                                    "a JSON object")
+    unknown = sorted(set(fields) - set(defaults))
+    if unknown:
+        raise checkpoint.malformed(fn, path, f"field 'config' has an unknown setting "
+                                             f"{unknown[0]!r}")
+    try:
+        saved = TrainConfig(**{**defaults, **fields})  # a newer setting had its default
+    except (TypeError, ValueError) as err:
+        raise checkpoint.malformed(fn, path, f"field 'config' is not valid ({err})") from err
+    if state.epoch > saved.epochs:
+        raise checkpoint.malformed(fn, path, f"field 'epoch' ({state.epoch}) is past the run's "
+                                             f"own epochs ({saved.epochs})")
+    rng = checkpoint.check_field(fn, path, meta, "rng", lambda v: isinstance(v, dict),
+                                 "a JSON object")
+    checkpoint.check_field(fn, path, rng, "seed", lambda v: v == saved.seed,
+                           f"the config's seed ({saved.seed})", "rng")
+    history = checkpoint.check_field(
+        fn, path, meta, "history", lambda v: isinstance(v, list) and len(v) == state.epoch,
+        f"a list of {state.epoch} records, one per epoch")
+    for i, record in enumerate(history):
+        _check_record(fn, path, record, i)
+    if history and history[-1]["step"] != state.step:
+        raise checkpoint.malformed(fn, path, f"the last record of 'history' is at step "
+                                             f"{history[-1]['step']}, not {state.step}")
+    return saved
+
+
+def _check_record(fn, path, record, i: int) -> None:
+    """One epoch's record of a checkpoint's history."""
+    where = f"history[{i}]"
+    if not isinstance(record, dict):
+        raise checkpoint.malformed(fn, path, f"{where} must be a JSON object; got "
+                                             f"{type(record).__name__}")
+    checkpoint.check_field(fn, path, record, "epoch", lambda v: v == i + 1, str(i + 1), where)
+    checkpoint.check_field(fn, path, record, "step", checkpoint.is_count, "an int >= 0", where)
+    for name in ("train_loss", "test_loss", "images_per_second", "train_seconds"):
+        checkpoint.check_field(fn, path, record, name, _is_finite_number, "a finite number",
+                               where)
+    checkpoint.check_field(fn, path, record, "test_accuracy",
+                           lambda v: _is_finite_number(v) and 0 <= v <= 1, "a number in [0, 1]",
+                           where)
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
 
 
 def _note_config_changes(config: TrainConfig, saved: dict):
     """Say which settings differ from the checkpoint's (a changed seed, batch size or learning
     rate makes the resumed run differ from an uninterrupted one)."""
-    ignored = {"epochs", "resume", "eval_only", "out", "devices"}  # devices: rounding only
+    ignored = {"epochs", "resume", "eval_only", "overwrite", "out", "devices"}  # devices: rounding
     current, defaults = config.to_json(), TrainConfig().to_json()
     saved = {**defaults, **saved}  # a setting newer than the checkpoint had its default
     changed = [f"{k} {saved[k]!r} -> {current[k]!r}" for k in current
@@ -613,6 +869,85 @@ def _note_config_changes(config: TrainConfig, saved: dict):
     if changed:
         print(f"note: resuming with settings that differ from the checkpoint's: "
               f"{', '.join(changed)}", flush=True)
+
+
+def _eval_only(run: _Run, state: TrainState) -> FitResult:
+    """Evaluate the checkpoint in ``config.out`` on the test set and print the result."""
+    state, meta = load_everywhere(run.checkpoint, state)
+    saved = _saved_config(run.checkpoint, state, meta)
+    state = state._replace(params=parallel.replicate(state.params, run.mesh))
+    test = evaluate(state.params, run.ds.test_x, run.ds.test_y, apply=run.model,
+                    impl=run.config.impl, dtype=run.config.dtype, mesh=run.mesh)
+    if parallel.is_main_process():
+        _note_test_set(run.config, saved)
+        print(_report.eval_line(run.checkpoint, state, test), flush=True)
+    summary = {"test_loss": test["loss"], "test_accuracy": test["accuracy"],
+               "checkpoint": str(run.checkpoint)}
+    return FitResult(state, meta["history"], summary)
+
+
+def _note_test_set(config: TrainConfig, saved: TrainConfig) -> None:
+    """Say so when the test set evaluated is not the one the checkpoint's run measured."""
+    if config.dataset != saved.dataset:
+        print(f"note: evaluating on {config.dataset}; the checkpoint was trained on "
+              f"{saved.dataset}", flush=True)
+    elif config.dataset == "synthetic" and config.seed != saved.seed:
+        print(f"note: the synthetic test set depends on the seed: this is the test set of seed "
+              f"{config.seed}, but the checkpoint was trained and measured with seed "
+              f"{saved.seed}; add --seed {saved.seed} to evaluate it on the same test set",
+              flush=True)
+
+
+def _interrupted(config: TrainConfig, disk: _OnDisk, err: KeyboardInterrupt) -> Interrupted:
+    """The :class:`Interrupted` error for Ctrl-C or SIGTERM, saying what is true on disk."""
+    sigterm = isinstance(err, Terminated)
+    what = "terminated (SIGTERM)" if sigterm else "interrupted (Ctrl-C)"
+    where, path = f"in epoch {disk.training} of {config.epochs}", config.out_dir / CHECKPOINT
+    if not disk.claimed:
+        text = f"{what} before anything was written"
+    elif disk.saved is None and disk.resuming:
+        text = (f"{what} before training resumed; the checkpoint {path} is left as it was: "
+                f"continue with the same options and --resume")
+    elif disk.saved is None:
+        text = (f"{what} {where}, before any epoch finished: no checkpoint was written, so "
+                f"there is nothing to resume; start the run again")
+    elif disk.saved >= config.epochs:
+        text = (f"{what} after the last epoch: training finished and the checkpoint, {path} "
+                f"(epoch {disk.saved}), is complete; run again with --resume to write the "
+                f"summary")
+    else:
+        text = (f"{what} {where}; the last checkpoint, {path} (epoch {disk.saved}), is left as "
+                f"it was: continue with the same options and --resume (the steps since that "
+                f"epoch are redone)")
+    return Interrupted(f"fit: {text}", 143 if sigterm else 130)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT and SIGTERM back until the block ends, then deliver them, so that an
+    interrupt never falls between writing an epoch's checkpoint, its metrics line and the
+    record of what is on disk. Only in the main thread (the only one that may set handlers),
+    and only for signals whose handler is Python's (JAX's own SIGTERM handler in a
+    multi-process run is left alone)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: h for s, h in previous.items() if h is not None}
+    received = []
+    for s in previous:
+        signal.signal(s, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum in received:
+            signal.raise_signal(signum)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers: multi-process writes, the dataset.
 
 
 def _on_main_process(work: Callable[[], None], what: str) -> None:
