@@ -119,6 +119,7 @@ def parse_command_line(argv=None) -> tuple[training.TrainConfig, Distributed]:
 
 def main(argv=None) -> int:
     config, distributed = parse_command_line(argv)
+    sigterm = None  # the SIGTERM handler this call replaced, to put back
     try:
         if distributed.coordinator or distributed.process_id is not None:
             where = distributed.coordinator or f"${parallel.COORDINATOR_ENV}"
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
         parallel.initialize(distributed.coordinator, distributed.num_processes,
                             distributed.process_id, auto=distributed.auto)
         if jax.process_count() == 1:  # many processes: JAX's preemption service takes SIGTERM
-            signal.signal(signal.SIGTERM, _terminate)
+            sigterm = signal.signal(signal.SIGTERM, _terminate) or signal.SIG_DFL
         training.fit(config)
     except training.Preempted as err:
         print(f"train.py: {err}; continue with the same options and --resume", file=sys.stderr)
@@ -140,10 +141,13 @@ def main(argv=None) -> int:
         print(f"\ntrain.py: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt as err:  # before fit started
-        sigterm = isinstance(err, training.Terminated)
-        print(f"\ntrain.py: {'terminated (SIGTERM)' if sigterm else 'interrupted (Ctrl-C)'} "
+        terminated = isinstance(err, training.Terminated)
+        print(f"\ntrain.py: {'terminated (SIGTERM)' if terminated else 'interrupted (Ctrl-C)'} "
               f"before anything was written", file=sys.stderr)
-        return 143 if sigterm else 130
+        return 143 if terminated else 130
+    finally:
+        if sigterm is not None:  # as it was: main is called in-process by tests too
+            signal.signal(signal.SIGTERM, sigterm)
     return 0
 
 

@@ -56,18 +56,23 @@ def append_line(path, line: str) -> None:
     """Append ``line`` and a newline to ``path`` (created if missing) and make it durable.
 
     If the write fails part-way (a full disk), the file is cut back to its old length, so it
-    never ends in half a line.
+    never ends in half a line. Unbuffered ``os.write`` calls, so that nothing is left in a
+    buffer to be written later.
     """
-    with open(path, "ab") as f:
-        size = f.tell()
+    data = memoryview(line.encode() + b"\n")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
         try:
-            f.write(line.encode() + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
         except BaseException:
             with contextlib.suppress(OSError):
-                f.truncate(size)
+                os.ftruncate(fd, size)
             raise
+    finally:
+        os.close(fd)
 
 
 def leftover_temporaries(directory, name: str) -> list[pathlib.Path]:

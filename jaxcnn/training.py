@@ -748,16 +748,20 @@ def _write_results(run: _Run, state: TrainState, history, summary) -> None:
 
 
 def _finished(run: _Run, state: TrainState, history, started: float) -> FitResult:
-    """``resume`` of a run that has trained all its epochs: say so, and write its summary if
-    it is missing (a kill between the last checkpoint and the summary)."""
+    """``resume`` of a run that has trained all its epochs: say so; and if its summary is
+    missing (a kill or a failed write after the last checkpoint), write it and
+    ``metrics.jsonl`` from the checkpoint."""
     summary = _report.summary(run.config, history, state.params, state.step,
                               time.perf_counter() - started, run.mesh)
 
     def report():
         wrote = ""
         if not (run.out / SUMMARY).is_file():
+            _write(run.out / METRICS, state.epoch, f"the checkpoint, {run.checkpoint} (epoch "
+                   f"{state.epoch}), is complete", lambda: _report.write_metrics(
+                       run.out / METRICS, history))
             _write_results(run, state, history, summary)
-            wrote = f"; its {SUMMARY} was missing and is written now"
+            wrote = f"; its {METRICS} and {SUMMARY} are written now"
         print(f"the run in {run.out} is finished: it has trained all "
               f"{_report.plural(state.epoch, 'epoch')} (step {state.step}){wrote}; nothing to "
               f"train. To train longer, resume it with a larger --epochs", flush=True)
@@ -902,7 +906,9 @@ def _interrupted(config: TrainConfig, disk: _OnDisk, err: KeyboardInterrupt) -> 
     """The :class:`Interrupted` error for Ctrl-C or SIGTERM, saying what is true on disk."""
     sigterm = isinstance(err, Terminated)
     what = "terminated (SIGTERM)" if sigterm else "interrupted (Ctrl-C)"
-    where, path = f"in epoch {disk.training} of {config.epochs}", config.out_dir / CHECKPOINT
+    path = config.out_dir / CHECKPOINT
+    where = (f"after epoch {disk.saved} of {config.epochs}" if disk.saved == disk.training else
+             f"in epoch {disk.training} of {config.epochs}")
     if not disk.claimed:
         text = f"{what} before anything was written"
     elif disk.saved is None and disk.resuming:
@@ -916,9 +922,9 @@ def _interrupted(config: TrainConfig, disk: _OnDisk, err: KeyboardInterrupt) -> 
                 f"(epoch {disk.saved}), is complete; run again with --resume to write the "
                 f"summary")
     else:
+        redone = "" if disk.saved == disk.training else " (the steps since that epoch are redone)"
         text = (f"{what} {where}; the last checkpoint, {path} (epoch {disk.saved}), is left as "
-                f"it was: continue with the same options and --resume (the steps since that "
-                f"epoch are redone)")
+                f"it was: continue with the same options and --resume{redone}")
     return Interrupted(f"fit: {text}", 143 if sigterm else 130)
 
 

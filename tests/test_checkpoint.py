@@ -130,7 +130,8 @@ def test_a_checkpoint_written_before_model_state_existed_still_loads(tmp_path, l
     np.savez(old, **entries, __meta__=np.array(json.dumps(meta)))
     restored, meta = load_checkpoint(old, state_of(params))
     assert restored.model_state == {} and tree_equal(restored.params, params)
-    assert tree_equal(restored.opt_state, state.opt_state) and (restored.step, meta["epoch"]) == (8, 1)
+    assert tree_equal(restored.opt_state, state.opt_state)
+    assert (restored.step, meta["epoch"]) == (8, 1)
 
 
 def test_a_fit_checkpoint_reads_back_exactly(small_checkpoint):
@@ -236,7 +237,8 @@ BAD_RUN = "fit: {path} has malformed metadata: "
     (edit(epoch=3, step=6), BAD_RUN + "field 'epoch' (3) is past the run's own epochs (2)"),
     (edit(rng=None), BAD_RUN + "it has no field 'rng'"),
     (edit(rng=7), BAD_RUN + "field 'rng' must be a JSON object; got int 7"),
-    (edit(**{"rng.seed": 7}), BAD_RUN + "field 'rng.seed' must be the config's seed (0); got int 7"),
+    (edit(**{"rng.seed": 7}), BAD_RUN + "field 'rng.seed' must be the config's seed (0); got int "
+                                        "7"),
     (edit(history=None), BAD_RUN + "it has no field 'history'"),
     (edit(history={}), BAD_RUN + "field 'history' must be a list of 1 records, one per epoch; got "
                                  "dict {}"),
@@ -322,7 +324,8 @@ def npy_instead_of_npz(data):
     (lambda d: d[:-1], r"is not a readable checkpoint: BadZipFile"),
     (lambda d: b"", r"is not a readable checkpoint: EOFError"),
     (lambda d: b"PK\x03\x04 truncated", r"is not a readable checkpoint"),
-    (lambda d: b"not a checkpoint at all\n", r"is not a readable checkpoint: ValueError: .*pickled"),
+    (lambda d: b"not a checkpoint at all\n", r"is not a readable checkpoint: ValueError: "
+                                              r".*pickled"),
     (npy_instead_of_npz, r"is not a readable checkpoint: ValueError: a single \.npy array, not a "
                          r"\.npz archive"),
 ])
