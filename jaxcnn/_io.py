@@ -8,7 +8,8 @@ existed, is untouched. A process killed while writing leaves its temporary file 
 (``.NAME.XXXXXXXX.tmp`` beside ``NAME``): :func:`leftover_temporaries` finds them.
 
 Appending a line (:func:`append_line`) is durable too, and a failed append leaves the file as
-it was.
+it was. :func:`signals_deferred` holds Ctrl-C and SIGTERM back while several writes and the
+record of them must happen together.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import contextlib
 import json
 import os
 import pathlib
+import signal
 import tempfile
+import threading
 from typing import Any, Callable
 
 _TMP_SUFFIX = ".tmp"
@@ -79,6 +82,30 @@ def leftover_temporaries(directory, name: str) -> list[pathlib.Path]:
     """The temporary files that an :func:`atomic_write` of ``directory / name`` killed before
     its rename left behind."""
     return sorted(pathlib.Path(directory).glob(f".{name}.*{_TMP_SUFFIX}"))
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT and SIGTERM back until the block ends, then deliver them, so that an
+    interrupt never falls between writing an epoch's checkpoint, its metrics line and the
+    record of what is on disk. Only in the main thread (the only one that may set handlers),
+    and only for signals whose handler is Python's (JAX's own SIGTERM handler in a
+    multi-process run is left alone)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: h for s, h in previous.items() if h is not None}
+    received = []
+    for s in previous:
+        signal.signal(s, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum in received:
+            signal.raise_signal(signum)
 
 
 def fsync_dir(directory) -> None:

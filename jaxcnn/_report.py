@@ -56,6 +56,45 @@ def eval_line(checkpoint, state, test) -> str:
             f"({test['correct']}/{test['n']})")
 
 
+def finished_line(out, state, wrote: str = "") -> str:
+    """The line of ``--resume`` on a run that has trained all its epochs."""
+    return (f"the run in {out} is finished: it has trained all {plural(state.epoch, 'epoch')} "
+            f"(step {state.step}){'; ' + wrote if wrote else ''}; nothing to train. To train "
+            f"longer, resume it with a larger --epochs")
+
+
+def extension_note(planned: int, epochs: int, step: int, lr: float) -> str:
+    """The note of ``--resume`` with more epochs on a finished run."""
+    return (f"note: extending the finished {planned}-epoch run to {epochs} epochs: its cosine "
+            f"learning-rate schedule now spans {epochs} epochs and continues at step {step} "
+            f"with lr {lr:.3g}, so the result differs from an uninterrupted {epochs}-epoch run")
+
+
+def settings_note(current: dict, saved: dict, defaults: dict) -> str | None:
+    """Which settings of a resumed run differ from its checkpoint's (a changed seed, batch size
+    or learning rate makes it differ from an uninterrupted run), or None. A setting newer
+    than the checkpoint had its default."""
+    ignored = {"epochs", "resume", "eval_only", "overwrite", "out", "devices"}  # devices: rounding
+    saved = {**defaults, **saved}
+    changed = [f"{k} {saved[k]!r} -> {current[k]!r}" for k in current
+               if k not in ignored and saved[k] != current[k]]
+    if not changed:
+        return None
+    return f"note: resuming with settings that differ from the checkpoint's: {', '.join(changed)}"
+
+
+def test_set_note(config, saved) -> str | None:
+    """Say so when ``--eval-only`` measures another test set than the checkpoint's run did."""
+    if config.dataset != saved.dataset:
+        return (f"note: evaluating on {config.dataset}; the checkpoint was trained on "
+                f"{saved.dataset}")
+    if config.dataset == "synthetic" and config.seed != saved.seed:
+        return (f"note: the synthetic test set depends on the seed: this is the test set of seed "
+                f"{config.seed}, but the checkpoint was trained and measured with seed "
+                f"{saved.seed}; add --seed {saved.seed} to evaluate it on the same test set")
+    return None
+
+
 def plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 

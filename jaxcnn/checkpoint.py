@@ -17,6 +17,7 @@ The state is any ``NamedTuple`` with the fields ``params``, ``model_state``, ``o
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import zlib
 
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _io, parallel
+from . import __version__, _io, parallel
 from ._shapes import is_int
 
 FILENAME = "checkpoint.npz"  # the checkpoint's name in a run's output directory
@@ -224,6 +225,58 @@ def _read_meta(fn, path, entry) -> dict:
     for field in ("step", "epoch"):
         check_field(fn, path, meta, field, is_count, "an int >= 0")
     return meta
+
+
+def run_meta(config: dict, state, history) -> dict:
+    """The metadata ``fit`` adds to its checkpoints: how to continue the run. ``config`` is
+    the run's configuration as JSON (``TrainConfig.to_json()``), ``history`` its per-epoch
+    records."""
+    return {
+        "rng": {"seed": config["seed"], "next_epoch": state.epoch,
+                "note": "params from jax.random.key(seed); batch order of epoch e from "
+                        "numpy.random.default_rng([seed, e])"},
+        "config": config,
+        "history": history,
+        "jaxcnn_version": __version__,
+    }
+
+
+def check_run(fn: str, path, state, meta: dict) -> dict:
+    """The fields :func:`run_meta` writes, checked one by one against the ``state`` read with
+    them: ``config`` a JSON object (returned, for the caller to check its settings), ``rng``
+    one with a ``seed``, ``history`` one record per finished epoch, the last at the state's
+    step. Errors name the file (:func:`malformed`)."""
+    config = check_field(fn, path, meta, "config", lambda v: isinstance(v, dict),
+                         "a JSON object")
+    rng = check_field(fn, path, meta, "rng", lambda v: isinstance(v, dict), "a JSON object")
+    check_field(fn, path, rng, "seed", is_count, "an int >= 0", "rng")
+    history = check_field(fn, path, meta, "history",
+                          lambda v: isinstance(v, list) and len(v) == state.epoch,
+                          f"a list of {state.epoch} records, one per epoch")
+    for i, record in enumerate(history):
+        _check_record(fn, path, record, i)
+    if history and history[-1]["step"] != state.step:
+        raise malformed(fn, path, f"the last record of 'history' is at step "
+                                  f"{history[-1]['step']}, not {state.step}")
+    return config
+
+
+def _check_record(fn, path, record, i: int) -> None:
+    """One epoch's record of a checkpoint's history."""
+    where = f"history[{i}]"
+    if not isinstance(record, dict):
+        raise malformed(fn, path, f"{where} must be a JSON object; got {type(record).__name__}")
+    check_field(fn, path, record, "epoch", lambda v: v == i + 1, str(i + 1), where)
+    check_field(fn, path, record, "step", is_count, "an int >= 0", where)
+    for name in ("train_loss", "test_loss", "images_per_second", "train_seconds"):
+        check_field(fn, path, record, name, _is_finite_number, "a finite number", where)
+    check_field(fn, path, record, "test_accuracy",
+                lambda v: _is_finite_number(v) and 0 <= v <= 1, "a number in [0, 1]", where)
+
+
+def _is_finite_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def check_field(fn, path, record: dict, field: str, ok, expected: str, where: str = ""):

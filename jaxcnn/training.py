@@ -36,9 +36,7 @@ import dataclasses
 import math
 import os
 import pathlib
-import signal
 import sys
-import threading
 import time
 from functools import partial
 from typing import Any, Callable, NamedTuple
@@ -48,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import __version__, _report, _rundir, _shapes, checkpoint, data, parallel
+from . import _io, _report, _rundir, _shapes, checkpoint, data, parallel
 from ._shapes import IMPLS
 from .activations import log_softmax
 from .checkpoint import load_everywhere, save_checkpoint
@@ -552,7 +550,7 @@ def _train(run: _Run, state: TrainState, disk: _OnDisk, started: float) -> FitRe
         state, record, epoch_losses = _train_and_evaluate(run, state)
         history.append(record)
         losses.append(epoch_losses)
-        with _signals_deferred():  # the files and `disk` change together
+        with _io.signals_deferred():  # the files and `disk` change together
             _on_main_process(lambda: _save_epoch(run, state, history),
                              f"{fn}: writing epoch {state.epoch}'s metrics and checkpoint in "
                              f"{run.out}")
@@ -701,33 +699,23 @@ def _save_epoch(run: _Run, state: TrainState, history) -> None:
     ``metrics.jsonl`` (so it never lists an epoch that no checkpoint has), then the console
     line. A failed write names the file, the epoch and what is still on disk."""
     epoch, metrics = state.epoch, run.out / METRICS
+    meta = checkpoint.run_meta(run.config.to_json(), state, history)
     _write(run.checkpoint, epoch, _kept(run, epoch - 1),
-           lambda: save_checkpoint(run.checkpoint, state, _run_meta(run.config, state, history)))
+           lambda: save_checkpoint(run.checkpoint, state, meta))
     _write(metrics, epoch, f"the checkpoint, {run.checkpoint} (epoch {epoch}), is complete; "
                            f"--resume rewrites {METRICS} from it",
            lambda: _report.append_metrics(metrics, history[-1]))
     print(_report.epoch_line(history[-1], run.config.epochs), flush=True)
 
 
-def _write(path, epoch: int, kept: str, write: Callable[[], None]) -> None:
-    """``write()``; an OSError is raised again naming ``path``, ``epoch`` and ``kept``."""
+def _write(what, epoch: int, kept: str, write: Callable[[], None]) -> None:
+    """``write()``; an OSError is raised again naming ``what`` (a path), the epoch, and what
+    is ``kept`` on disk."""
     try:
         write()
     except OSError as err:
-        raise OSError(f"fit: could not write {path} after epoch {epoch}: {err}; training "
+        raise OSError(f"fit: could not write {what} after epoch {epoch}: {err}; training "
                       f"stopped and {kept}") from err
-
-
-def _run_meta(config: TrainConfig, state: TrainState, history) -> dict:
-    """What a checkpoint of ``fit`` holds besides the state: how to continue the run."""
-    return {
-        "rng": {"seed": config.seed, "next_epoch": state.epoch,
-                "note": "params from jax.random.key(seed); batch order of epoch e from "
-                        "numpy.random.default_rng([seed, e])"},
-        "config": config.to_json(),
-        "history": history,
-        "jaxcnn_version": __version__,
-    }
 
 
 def _finish(run: _Run, state: TrainState, history, summary) -> None:
@@ -739,11 +727,13 @@ def _finish(run: _Run, state: TrainState, history, summary) -> None:
 
 
 def _write_results(run: _Run, state: TrainState, history, summary) -> None:
-    kept = (f"the checkpoint, {run.checkpoint} (epoch {state.epoch}), is complete; run again "
-            f"with --resume to write the summary and plots")
-    _write(run.out / SUMMARY, state.epoch, kept,
+    """Process 0, after the last epoch: summary.json, then the plots."""
+    done = f"the checkpoint, {run.checkpoint} (epoch {state.epoch}),"
+    _write(run.out / SUMMARY, state.epoch, f"{done} is complete; run again with --resume to "
+                                           f"write the summary",
            lambda: _report.write_summary(run.out / SUMMARY, summary))
-    _write(run.out, state.epoch, kept.replace("the summary and plots", "the plots"),
+    _write(f"the plots in {run.out}", state.epoch, f"{done} and {SUMMARY} are complete; only "
+                                                   f"the plots are missing",
            lambda: _report.save_plots(run.out, history, parallel.host(state.params)))
 
 
@@ -761,10 +751,8 @@ def _finished(run: _Run, state: TrainState, history, started: float) -> FitResul
                    f"{state.epoch}), is complete", lambda: _report.write_metrics(
                        run.out / METRICS, history))
             _write_results(run, state, history, summary)
-            wrote = f"; its {METRICS} and {SUMMARY} are written now"
-        print(f"the run in {run.out} is finished: it has trained all "
-              f"{_report.plural(state.epoch, 'epoch')} (step {state.step}){wrote}; nothing to "
-              f"train. To train longer, resume it with a larger --epochs", flush=True)
+            wrote = f"its {METRICS} and {SUMMARY} are written now"
+        print(_report.finished_line(run.out, state, wrote), flush=True)
 
     _on_main_process(report, f"fit: writing {run.out / SUMMARY}")
     return FitResult(state, history, summary)
@@ -780,9 +768,10 @@ def _resume(run: _Run, state: TrainState):
     saved = _saved_config(run.checkpoint, state, meta)
     extension = _check_schedule(run, state, saved)
     if parallel.is_main_process():
-        _note_config_changes(run.config, meta["config"])
-        if extension:
-            print(extension, flush=True)
+        for note in (_report.settings_note(run.config.to_json(), meta["config"],
+                                           TrainConfig().to_json()), extension):
+            if note:
+                print(note, flush=True)
     return state, meta["history"]
 
 
@@ -802,19 +791,17 @@ def _check_schedule(run: _Run, state: TrainState, saved: TrainConfig) -> str | N
             f"match no uninterrupted run. Resume it with --epochs {planned}; to train longer on "
             f"purpose, let it finish, then resume the finished run with a larger --epochs")
     if done == planned < epochs:
-        return (f"note: extending the finished {planned}-epoch run to {epochs} epochs: its "
-                f"cosine learning-rate schedule now spans {epochs} epochs and continues at step "
-                f"{state.step} with lr {run.optimizer.learning_rate(state.step):.3g}, so the "
-                f"result differs from an uninterrupted {epochs}-epoch run")
+        return _report.extension_note(planned, epochs, state.step,
+                                      run.optimizer.learning_rate(state.step))
     return None
 
 
 def _saved_config(path, state: TrainState, meta: dict) -> TrainConfig:
-    """The configuration of the run that wrote a checkpoint, with the run's fields of its
-    metadata (``config``, ``rng``, ``history``) checked one by one; errors name the file."""
+    """The configuration of the run that wrote a checkpoint, its run fields checked
+    (:func:`jaxcnn.checkpoint.check_run`) and the configuration itself made a
+    :class:`TrainConfig`; errors name the file."""
     fn, defaults = "fit", TrainConfig().to_json()
-    fields = checkpoint.check_field(fn, path, meta, "config", lambda v: isinstance(v, dict),
-                                    "a JSON object")
+    fields = checkpoint.check_run(fn, path, state, meta)
     unknown = sorted(set(fields) - set(defaults))
     if unknown:
         raise checkpoint.malformed(fn, path, f"field 'config' has an unknown setting "
@@ -826,53 +813,9 @@ def _saved_config(path, state: TrainState, meta: dict) -> TrainConfig:
     if state.epoch > saved.epochs:
         raise checkpoint.malformed(fn, path, f"field 'epoch' ({state.epoch}) is past the run's "
                                              f"own epochs ({saved.epochs})")
-    rng = checkpoint.check_field(fn, path, meta, "rng", lambda v: isinstance(v, dict),
-                                 "a JSON object")
-    checkpoint.check_field(fn, path, rng, "seed", lambda v: v == saved.seed,
+    checkpoint.check_field(fn, path, meta["rng"], "seed", lambda v: v == saved.seed,
                            f"the config's seed ({saved.seed})", "rng")
-    history = checkpoint.check_field(
-        fn, path, meta, "history", lambda v: isinstance(v, list) and len(v) == state.epoch,
-        f"a list of {state.epoch} records, one per epoch")
-    for i, record in enumerate(history):
-        _check_record(fn, path, record, i)
-    if history and history[-1]["step"] != state.step:
-        raise checkpoint.malformed(fn, path, f"the last record of 'history' is at step "
-                                             f"{history[-1]['step']}, not {state.step}")
     return saved
-
-
-def _check_record(fn, path, record, i: int) -> None:
-    """One epoch's record of a checkpoint's history."""
-    where = f"history[{i}]"
-    if not isinstance(record, dict):
-        raise checkpoint.malformed(fn, path, f"{where} must be a JSON object; got "
-                                             f"{type(record).__name__}")
-    checkpoint.check_field(fn, path, record, "epoch", lambda v: v == i + 1, str(i + 1), where)
-    checkpoint.check_field(fn, path, record, "step", checkpoint.is_count, "an int >= 0", where)
-    for name in ("train_loss", "test_loss", "images_per_second", "train_seconds"):
-        checkpoint.check_field(fn, path, record, name, _is_finite_number, "a finite number",
-                               where)
-    checkpoint.check_field(fn, path, record, "test_accuracy",
-                           lambda v: _is_finite_number(v) and 0 <= v <= 1, "a number in [0, 1]",
-                           where)
-
-
-def _is_finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
-        math.isfinite(value)
-
-
-def _note_config_changes(config: TrainConfig, saved: dict):
-    """Say which settings differ from the checkpoint's (a changed seed, batch size or learning
-    rate makes the resumed run differ from an uninterrupted one)."""
-    ignored = {"epochs", "resume", "eval_only", "overwrite", "out", "devices"}  # devices: rounding
-    current, defaults = config.to_json(), TrainConfig().to_json()
-    saved = {**defaults, **saved}  # a setting newer than the checkpoint had its default
-    changed = [f"{k} {saved[k]!r} -> {current[k]!r}" for k in current
-               if k not in ignored and saved[k] != current[k]]
-    if changed:
-        print(f"note: resuming with settings that differ from the checkpoint's: "
-              f"{', '.join(changed)}", flush=True)
 
 
 def _eval_only(run: _Run, state: TrainState) -> FitResult:
@@ -883,23 +826,12 @@ def _eval_only(run: _Run, state: TrainState) -> FitResult:
     test = evaluate(state.params, run.ds.test_x, run.ds.test_y, apply=run.model,
                     impl=run.config.impl, dtype=run.config.dtype, mesh=run.mesh)
     if parallel.is_main_process():
-        _note_test_set(run.config, saved)
-        print(_report.eval_line(run.checkpoint, state, test), flush=True)
+        note = _report.test_set_note(run.config, saved)
+        print(*([note] if note else []), _report.eval_line(run.checkpoint, state, test),
+              sep="\n", flush=True)
     summary = {"test_loss": test["loss"], "test_accuracy": test["accuracy"],
                "checkpoint": str(run.checkpoint)}
     return FitResult(state, meta["history"], summary)
-
-
-def _note_test_set(config: TrainConfig, saved: TrainConfig) -> None:
-    """Say so when the test set evaluated is not the one the checkpoint's run measured."""
-    if config.dataset != saved.dataset:
-        print(f"note: evaluating on {config.dataset}; the checkpoint was trained on "
-              f"{saved.dataset}", flush=True)
-    elif config.dataset == "synthetic" and config.seed != saved.seed:
-        print(f"note: the synthetic test set depends on the seed: this is the test set of seed "
-              f"{config.seed}, but the checkpoint was trained and measured with seed "
-              f"{saved.seed}; add --seed {saved.seed} to evaluate it on the same test set",
-              flush=True)
 
 
 def _interrupted(config: TrainConfig, disk: _OnDisk, err: KeyboardInterrupt) -> Interrupted:
@@ -926,30 +858,6 @@ def _interrupted(config: TrainConfig, disk: _OnDisk, err: KeyboardInterrupt) -> 
         text = (f"{what} {where}; the last checkpoint, {path} (epoch {disk.saved}), is left as "
                 f"it was: continue with the same options and --resume{redone}")
     return Interrupted(f"fit: {text}", 143 if sigterm else 130)
-
-
-@contextlib.contextmanager
-def _signals_deferred():
-    """Hold SIGINT and SIGTERM back until the block ends, then deliver them, so that an
-    interrupt never falls between writing an epoch's checkpoint, its metrics line and the
-    record of what is on disk. Only in the main thread (the only one that may set handlers),
-    and only for signals whose handler is Python's (JAX's own SIGTERM handler in a
-    multi-process run is left alone)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    previous = {s: h for s, h in previous.items() if h is not None}
-    received = []
-    for s in previous:
-        signal.signal(s, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        for signum in received:
-            signal.raise_signal(signum)
 
 
 # --------------------------------------------------------------------------------------------

@@ -50,7 +50,8 @@ def small_like():
 def small_checkpoint(tmp_path):
     state = small_like()._replace(step=2, epoch=1)
     path = tmp_path / "checkpoint.npz"
-    save_checkpoint(path, state, training._run_meta(TrainConfig(epochs=2), state, [RECORD]))
+    save_checkpoint(path, state,
+                    checkpoint.run_meta(TrainConfig(epochs=2).to_json(), state, [RECORD]))
     return path
 
 
@@ -234,9 +235,14 @@ BAD_RUN = "fit: {path} has malformed metadata: "
                                                 "must be one of"),
     (edit(**{"config.epochs": "2"}), BAD_RUN + "field 'config' is not valid (TrainConfig: epochs "
                                                "must be an int; got str '2')"),
-    (edit(epoch=3, step=6), BAD_RUN + "field 'epoch' (3) is past the run's own epochs (2)"),
+    (lambda m: {**m, "epoch": 3, "step": 6,
+                "history": [{**RECORD, "epoch": e, "step": 2 * e} for e in (1, 2, 3)]},
+     BAD_RUN + "field 'epoch' (3) is past the run's own epochs (2)"),
+    (edit(epoch=2), BAD_RUN + "field 'history' must be a list of 2 records, one per epoch; got "
+                              "list"),
     (edit(rng=None), BAD_RUN + "it has no field 'rng'"),
     (edit(rng=7), BAD_RUN + "field 'rng' must be a JSON object; got int 7"),
+    (edit(**{"rng.seed": None}), BAD_RUN + "it has no field 'rng.seed'"),
     (edit(**{"rng.seed": 7}), BAD_RUN + "field 'rng.seed' must be the config's seed (0); got int "
                                         "7"),
     (edit(history=None), BAD_RUN + "it has no field 'history'"),
