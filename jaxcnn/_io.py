@@ -89,13 +89,15 @@ def signals_deferred():
     """Hold SIGINT and SIGTERM back until the block ends, then deliver them, so that an
     interrupt never falls between writing an epoch's checkpoint, its metrics line and the
     record of what is on disk. Only in the main thread (the only one that may set handlers),
-    and only for signals whose handler is Python's (JAX's own SIGTERM handler in a
-    multi-process run is left alone)."""
+    and only for signals handled by a Python function (Ctrl-C's KeyboardInterrupt, train.py's
+    SIGTERM handler). Any other handler is left alone: a signal with its default action ends
+    the process anyway, and JAX's own C++ SIGTERM handler of a multi-process run (which
+    ``signal.getsignal`` cannot see: it reports the default) must stay installed."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    previous = {s: h for s, h in previous.items() if h is not None}
+    previous = {s: h for s, h in previous.items() if callable(h)}
     received = []
     for s in previous:
         signal.signal(s, lambda signum, frame: received.append(signum))

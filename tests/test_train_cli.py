@@ -1,8 +1,10 @@
 """Tests for train.py: the command line, end to end on IDX files this test writes itself.
 
 One run goes through a real ``python train.py`` subprocess (MNIST-format files in a temporary
---data-dir); the error paths call ``train.main(argv)`` in this process. No test touches the
-internet: the download mirrors point at a closed port on 127.0.0.1.
+--data-dir); the error paths call ``train.main(argv)`` in this process. Four more processes,
+started together, test what needs a real process: a lock held by another process, kill -9
+during and right after a checkpoint write, SIGTERM. No test touches the internet: the download
+mirrors point at a closed port on 127.0.0.1.
 """
 
 import gzip
@@ -19,7 +21,6 @@ import numpy as np
 import pytest
 
 from jaxcnn import _io, _report, _rundir, training
-from jaxcnn.checkpoint import load_checkpoint
 
 from conftest import ROOT, closed_port_url, load_cli, write_idx
 
@@ -328,7 +329,6 @@ def records(out):
 
 def saved(out):
     """The checkpoint's epoch and history, read without a template."""
-    import numpy as np
     with np.load(out / "checkpoint.npz") as f:
         meta = json.loads(str(f["__meta__"]))
     return meta["epoch"], meta["history"]

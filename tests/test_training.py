@@ -28,7 +28,7 @@ import pytest
 from jaxcnn import _io, _report, data, models, training
 from jaxcnn.check import BFLOAT16_TOLERANCES
 from jaxcnn.checkpoint import load_checkpoint, save_checkpoint
-from jaxcnn.training import TrainConfig, TrainState
+from jaxcnn.training import TrainConfig
 
 BATCH, LR, N_TEST, IMPL = 32, 2e-3, 100, "lax"
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None  # the "plot" extra
@@ -823,3 +823,21 @@ def test_an_interrupt_before_the_first_checkpoint_says_nothing_was_saved(
         training.fit(config(tmp_path, epochs=2, resume=True), dataset=tiny)
     monkeypatch.undo()
     assert training.fit(config(tmp_path, epochs=1), dataset=tiny).epoch == 1   # "start again"
+
+
+def test_signals_are_held_back_while_an_epoch_is_written(monkeypatch):
+    """Ctrl-C inside the block arrives when it ends; a signal without a Python handler (here
+    SIGTERM's default; in a multi-process run JAX's own C++ handler) is left alone."""
+    real_getsignal, real_signal, touched = signal.getsignal, signal.signal, []
+    monkeypatch.setattr(signal, "getsignal", lambda s: (
+        signal.SIG_DFL if s == signal.SIGTERM else real_getsignal(s)))
+    monkeypatch.setattr(signal, "signal", lambda s, h: touched.append(s) or real_signal(s, h))
+    written = []
+    with pytest.raises(KeyboardInterrupt):
+        with _io.signals_deferred():
+            signal.raise_signal(signal.SIGINT)
+            written.append("checkpoint")
+            written.append("metrics")
+    assert written == ["checkpoint", "metrics"]
+    assert touched == [signal.SIGINT, signal.SIGINT]         # held back, then put back
+    assert real_getsignal(signal.SIGINT) is signal.default_int_handler
