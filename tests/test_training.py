@@ -28,7 +28,7 @@ import pytest
 from jaxcnn import _io, _report, data, models, training
 from jaxcnn.check import BFLOAT16_TOLERANCES
 from jaxcnn.checkpoint import load_checkpoint, save_checkpoint
-from jaxcnn.training import TrainConfig
+from jaxcnn.training import TrainConfig, TrainState
 
 BATCH, LR, N_TEST, IMPL = 32, 2e-3, 100, "lax"
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None  # the "plot" extra
@@ -690,11 +690,24 @@ def test_eval_with_another_seed_notes_that_the_synthetic_test_set_differs(tiny, 
 # Non-finite values never become the last good checkpoint.
 
 
-def test_nan_produced_on_the_last_step_of_an_epoch_is_never_checkpointed(tmp_path, tiny):
+def test_nan_produced_on_the_last_step_of_an_epoch_is_never_checkpointed(tmp_path, tiny, lenet):
     """A huge but finite image in the last batch of epoch 2: that step's loss (before the
     update) is finite, the update is not usable (the test loss is NaN), and epoch 2 is never
     written, so "the last good checkpoint" is epoch 1's."""
-    first = training.fit(config(tmp_path, optimizer="sgd"), dataset=tiny)
+    real_step, calls = training.train_step, []
+
+    def stops_in_epoch_2(*args, **kwargs):          # epoch 1 of 2 is saved (one compilation)
+        calls.append(1)
+        if len(calls) == 9:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(training, "train_step", stops_in_epoch_2)
+        training.fit(config(tmp_path, epochs=2, optimizer="sgd"), dataset=tiny)
+    params = lenet[1]
+    like = TrainState(params, {}, training.make_optimizer("sgd", LR, 16).init(params))
+    first, _ = load_checkpoint(tmp_path / "run" / "checkpoint.npz", like)
     x = tiny.train_x.copy()
     last = np.random.default_rng([0, 1]).permutation(256)[255]   # in epoch 2's last batch
     assert _step_of(int(last), epoch=1) == 16
@@ -706,7 +719,7 @@ def test_nan_produced_on_the_last_step_of_an_epoch_is_never_checkpointed(tmp_pat
             r"last good checkpoint, .*checkpoint.npz \(epoch 1\), is left as it was")):
         training.fit(config(tmp_path, epochs=2, optimizer="sgd", resume=True),
                      dataset=subset(tiny, 256, train_x=x))
-    state, meta = load_checkpoint(tmp_path / "run" / "checkpoint.npz", first.state)
+    state, meta = load_checkpoint(tmp_path / "run" / "checkpoint.npz", first)
     assert meta["epoch"] == 1 and tree_equal(state.params, first.params)
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
 
