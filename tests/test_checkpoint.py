@@ -135,6 +135,16 @@ def test_a_checkpoint_written_before_model_state_existed_still_loads(tmp_path, l
     assert (restored.step, meta["epoch"]) == (8, 1)
 
 
+def test_unreadable_checkpoints(tmp_path, lenet_params):
+    path = tmp_path / "checkpoint.npz"
+    path.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match=r"is not a readable checkpoint"):
+        load_checkpoint(path, state_of(lenet_params))
+    np.savez(path, w=np.zeros(3))
+    with pytest.raises(ValueError, match=r"is not a jaxcnn checkpoint: expected format"):
+        load_checkpoint(path, state_of(lenet_params))
+
+
 def test_a_fit_checkpoint_reads_back_exactly(small_checkpoint):
     state, meta, saved = read_all(small_checkpoint)
     assert tree_equal(state.params, SMALL) and (state.step, state.epoch) == (2, 1)
