@@ -4,6 +4,7 @@
     python train.py --dataset mnist --epochs 10       # MNIST, downloaded once into the cache
     python train.py --dataset fashion_mnist --model small_cnn --data-dir ~/data
     python train.py --resume                          # continue the run in --out
+    python train.py --overwrite                       # start again, replacing the run in --out
     python train.py --eval-only                       # evaluate the checkpoint in --out
     python train.py --devices 2 --dtype bfloat16      # 2 devices, bfloat16 compute
 
@@ -11,13 +12,19 @@ Every local device is used by default (data parallel, see jaxcnn.parallel). Many
 the same command on each with --coordinator HOST:PORT --num-processes N --process-id I (or with
 $JAX_COORDINATOR_ADDRESS; under srun / mpirun with several tasks it starts by itself; on Cloud
 TPU pods and Kubernetes add --distributed).
+
+Exit codes: 0 done, 1 an error (one line, no traceback), 2 bad arguments, 130 Ctrl-C, 143
+SIGTERM; after 130 and 143 the message says what is on disk and how to continue.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import NamedTuple
+
+import jax
 
 from jaxcnn import data, models, parallel, training
 
@@ -53,7 +60,10 @@ def parse_command_line(argv=None) -> tuple[training.TrainConfig, Distributed]:
     p.add_argument("--impl", choices=("manual", "lax"), default=d.impl,
                    help="manual: the hand-derived gradients; lax: JAX's autodiff "
                         "(default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
+    p.add_argument("--epochs", type=int, default=d.epochs,
+                   help="epochs of the run; the learning rate follows a cosine over all of them, "
+                        "so --resume takes the run's own --epochs (or a larger one once it has "
+                        "finished, to extend it) (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
     p.add_argument("--lr", type=float, default=d.lr,
                    help="peak learning rate, decayed to 0 by a cosine over the run "
@@ -64,10 +74,14 @@ def parse_command_line(argv=None) -> tuple[training.TrainConfig, Distributed]:
                    help="initial parameters, batch order and synthetic data (default: "
                         "%(default)s)")
     p.add_argument("--out", default=d.out, metavar="DIR",
-                   help="output directory (default: runs/<dataset>-<model>-<impl>-seed<seed>)")
+                   help="output directory, held by one run at a time; a new run refuses one "
+                        "that holds another run's files unless --resume or --overwrite "
+                        "(default: runs/<dataset>-<model>-<impl>-seed<seed>)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true",
-                      help="continue from the checkpoint in --out")
+                      help="continue the run whose checkpoint is in --out")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="start a new run in --out, removing the run already there")
     mode.add_argument("--eval-only", action="store_true",
                       help="only evaluate the checkpoint in --out on the test set")
     p.add_argument("--n-train", type=int, default=d.n_train, metavar="N",
@@ -105,6 +119,7 @@ def parse_command_line(argv=None) -> tuple[training.TrainConfig, Distributed]:
 
 def main(argv=None) -> int:
     config, distributed = parse_command_line(argv)
+    sigterm = None  # the SIGTERM handler this call replaced, to put back
     try:
         if distributed.coordinator or distributed.process_id is not None:
             where = distributed.coordinator or f"${parallel.COORDINATOR_ENV}"
@@ -113,6 +128,8 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
         parallel.initialize(distributed.coordinator, distributed.num_processes,
                             distributed.process_id, auto=distributed.auto)
+        if jax.process_count() == 1:  # many processes: JAX's preemption service takes SIGTERM
+            sigterm = signal.signal(signal.SIGTERM, _terminate) or signal.SIG_DFL
         training.fit(config)
     except training.Preempted as err:
         print(f"train.py: {err}; continue with the same options and --resume", file=sys.stderr)
@@ -120,11 +137,23 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, RuntimeError, OSError, FloatingPointError) as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"\ntrain.py: interrupted; the last checkpoint is in {config.out_dir}: continue "
-              f"with the same options and --resume", file=sys.stderr)
-        return 130
+    except training.Interrupted as err:
+        print(f"\ntrain.py: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt as err:  # before fit started
+        terminated = isinstance(err, training.Terminated)
+        print(f"\ntrain.py: {'terminated (SIGTERM)' if terminated else 'interrupted (Ctrl-C)'} "
+              f"before anything was written", file=sys.stderr)
+        return 143 if terminated else 130
+    finally:
+        if sigterm is not None:  # as it was: main is called in-process by tests too
+            signal.signal(signal.SIGTERM, sigterm)
     return 0
+
+
+def _terminate(signum, frame):
+    """SIGTERM handler: stop like Ctrl-C does, so fit says what is on disk (exit code 143)."""
+    raise training.Terminated()
 
 
 if __name__ == "__main__":

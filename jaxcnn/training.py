@@ -1,4 +1,4 @@
-"""Training: a plain-data config, the loss, one jitted step, evaluation, checkpoints, ``fit``.
+"""Training: a plain-data config, the train state, the loss, one jitted step, evaluation, ``fit``.
 
 The pieces, each with one job::
 
@@ -10,12 +10,17 @@ The pieces, each with one job::
                                                      # -> (params, opt_state, loss), jitted
     evaluate(params, x, y, apply=..., impl=...)      # -> {"loss", "accuracy"} over all of x
 
+``fit`` reads like flax's MNIST example: :func:`train_epoch` runs the steps of one epoch on a
+:class:`TrainState`, :func:`evaluate` measures it, and the loop saves a checkpoint and a
+metrics record after each epoch. The checkpoint format lives in :mod:`jaxcnn.checkpoint`, the
+console lines, ``metrics.jsonl``, ``summary.json`` and plots in :mod:`jaxcnn._report`.
+
 What a run leaves in ``config.out`` (default ``runs/<dataset>-<model>-<impl>-seed<seed>``):
 
 - ``metrics.jsonl``: one JSON record per epoch (train loss, test loss and accuracy, images/s);
 - ``summary.json``: final metrics, configuration, wall time, versions, backend;
-- ``checkpoint.npz``: params, optimizer state, step, epoch, seed and configuration, replaced
-  atomically after every epoch (see :func:`save_checkpoint`);
+- ``checkpoint.npz``: params, model state, optimizer state, step, epoch, seed and
+  configuration, replaced atomically after every epoch (see :mod:`jaxcnn.checkpoint`);
 - ``curves.png`` and ``filters.png`` when matplotlib is installed (the ``plot`` extra).
 
 Randomness: the initial parameters come from ``jax.random.key(seed)`` and the batch order of
@@ -26,47 +31,38 @@ a resumed run on the same machine ends with exactly the parameters of an uninter
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
-import json
 import math
 import os
 import pathlib
-import platform
 import sys
 import time
-import zipfile
-import zlib
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import __version__, _io, _shapes, data, parallel
+from . import _io, _report, _rundir, _shapes, checkpoint, data, parallel
 from ._shapes import IMPLS
 from .activations import log_softmax
+from .checkpoint import load_everywhere, save_checkpoint
 from .losses import cross_entropy
 from .models import MODELS
-from .nn import count_params
 
 OPTIMIZERS = ("adam", "sgd", "momentum")
 DTYPES = ("float32", "bfloat16")  # the compute dtype; params and optimizer state stay float32
 MOMENTUM = 0.9  # the "momentum" optimizer: SGD with heavy-ball momentum 0.9
-CHECKPOINT = "checkpoint.npz"
-METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
 EVAL_BATCH_SIZE = 1000  # evaluation batch (the last one is padded, so it compiles once)
 SYNC_EVERY = 25  # training steps between two reads of the losses (progress bar, NaN check)
-_META_KEY = "__meta__"  # the checkpoint entry holding the JSON metadata
-_FORMAT = "jaxcnn-checkpoint-v1"
-PLOTS_SKIPPED = "plots skipped: matplotlib not installed (pip install jaxcnn[plot])"
+CHECKPOINT, METRICS, SUMMARY = checkpoint.FILENAME, _report.METRICS, _report.SUMMARY  # in out
 
 
 # --------------------------------------------------------------------------------------------
-# Configuration.
+# Configuration, optimizer, state.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,12 +76,16 @@ class TrainConfig:
       impl: ``"manual"`` (the hand-derived gradients) or ``"lax"`` (JAX's autodiff).
       epochs: total number of epochs (a resumed run trains up to this many).
       batch_size: training batch size, >= 1 and <= the number of training examples.
-      lr: learning rate, > 0.
+      lr: peak learning rate, a finite number > 0 that float32 holds (the update's dtype).
       optimizer: one of :data:`OPTIMIZERS`.
       seed: seed of the initial parameters, the batch order and the synthetic data.
-      out: output directory; None: ``runs/<dataset>-<model>-<impl>-seed<seed>``.
-      resume: continue from the checkpoint in ``out``.
+      out: output directory; None: ``runs/<dataset>-<model>-<impl>-seed<seed>``. One run at a
+        time holds it; a new run refuses one that holds another run's files.
+      resume: continue the run whose checkpoint is in ``out``, with its own ``epochs`` (or
+        more, once it has finished).
       eval_only: only evaluate the checkpoint in ``out`` on the test set.
+      overwrite: start a new run in ``out`` even though it holds another run's files, which are
+        removed first.
       n_train, n_test: use only this many examples (None: the whole split).
       devices: train data-parallel on this many devices (None: every device JAX sees, in every
         process); ``batch_size`` must be divisible by it. See :mod:`jaxcnn.parallel`.
@@ -107,6 +107,7 @@ class TrainConfig:
     out: str | None = None
     resume: bool = False
     eval_only: bool = False
+    overwrite: bool = False
     n_train: int | None = None
     n_test: int | None = None
     devices: int | None = None
@@ -125,16 +126,15 @@ class TrainConfig:
         for name in ("n_train", "n_test", "devices"):
             if getattr(self, name) is not None:
                 _shapes.check_int(fn, name, getattr(self, name), minimum=1)
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)):
-            raise TypeError(f"{fn}: lr must be a number; got {type(self.lr).__name__} {self.lr!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"{fn}: lr must be a finite number > 0; got {self.lr!r}")
+        _check_lr(fn, self.lr)
         for name in ("data_dir", "out"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, os.PathLike)):
                 raise TypeError(f"{fn}: {name} must be a path or None; got {value!r}")
-        if self.resume and self.eval_only:
-            raise ValueError(f"{fn}: resume and eval_only exclude each other; got both True")
+        modes = [name for name in ("resume", "eval_only", "overwrite")
+                 if _shapes.check_bool(fn, name, getattr(self, name))]
+        if len(modes) > 1:
+            raise ValueError(f"{fn}: {modes[0]} and {modes[1]} exclude each other; got both True")
 
     @property
     def out_dir(self) -> pathlib.Path:
@@ -148,29 +148,100 @@ class TrainConfig:
                 for k, v in dataclasses.asdict(self).items()}
 
 
-@functools.cache
-def make_optimizer(name: str, lr: float, decay_steps: int | None = None
-                   ) -> optax.GradientTransformation:
+class Optimizer(NamedTuple):
+    """An optimizer as plain data: :data:`OPTIMIZERS` name, peak learning rate and the length
+    of its cosine decay (None: a constant rate). Made by :func:`make_optimizer`.
+
+    ``init`` and ``update`` are those of the optax transformation it describes
+    (:meth:`transform`), so it goes wherever an ``optax.GradientTransformation`` is called.
+    Two optimizers with the same settings are equal and hash alike, so the jitted
+    :func:`train_step`, which takes the optimizer as a static argument, compiles once per
+    setting and reuses that compilation in every later run with the same settings; no cache
+    of optimizer objects is needed.
+    """
+
+    name: str
+    lr: float
+    decay_steps: int | None = None
+
+    def schedule(self):
+        """The learning rate: a function of the step count, or the constant ``lr``."""
+        if self.decay_steps is None:
+            return self.lr
+        return optax.cosine_decay_schedule(self.lr, self.decay_steps)
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of the update at step count ``step``."""
+        schedule = self.schedule()
+        return float(schedule(step)) if callable(schedule) else schedule
+
+    def transform(self) -> optax.GradientTransformation:
+        lr = self.schedule()
+        if self.name == "adam":
+            return optax.adam(lr)
+        if self.name == "sgd":
+            return optax.sgd(lr)
+        return optax.sgd(lr, momentum=MOMENTUM)
+
+    def init(self, params):
+        return self.transform().init(params)
+
+    def update(self, updates, state, params=None):
+        return self.transform().update(updates, state, params)
+
+
+def make_optimizer(name: str, lr: float, decay_steps: int | None = None) -> Optimizer:
     """``"adam"`` (optax defaults), ``"sgd"`` or ``"momentum"`` (SGD, heavy ball 0.9).
 
     With ``decay_steps`` the learning rate follows a cosine from ``lr`` down to 0 over that many
     steps (``fit`` uses the whole run), so the last epoch settles instead of ending on a
     full-size step; its step count lives in the optimizer state, so a resumed run continues the
-    same schedule. Cached: the same arguments give the same object, so the jitted step (which
-    takes the optimizer as a static argument) compiles once per process.
+    same schedule. The result is an :class:`Optimizer`: plain data with optax's ``init`` and
+    ``update``.
     """
     fn = "make_optimizer"
     _shapes.check_choice(fn, "name", name, OPTIMIZERS)
-    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0):
-        raise ValueError(f"{fn}: lr must be a number > 0; got {lr!r}")
+    lr = _check_lr(fn, lr)
     if decay_steps is not None:
-        _shapes.check_int(fn, "decay_steps", decay_steps, minimum=1)
-        lr = optax.cosine_decay_schedule(lr, decay_steps)
-    if name == "adam":
-        return optax.adam(lr)
-    if name == "sgd":
-        return optax.sgd(lr)
-    return optax.sgd(lr, momentum=MOMENTUM)
+        decay_steps = _shapes.check_int(fn, "decay_steps", decay_steps, minimum=1)
+    return Optimizer(name, lr, decay_steps)
+
+
+_FLOAT32 = np.finfo(np.float32)
+
+
+def _check_lr(fn: str, lr) -> float:
+    """``lr`` as a float, if it is a finite number > 0 that float32 (the dtype of the update)
+    holds without overflowing to infinity or rounding to 0."""
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise TypeError(f"{fn}: lr must be a number; got {type(lr).__name__} {lr!r}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"{fn}: lr must be a finite number > 0; got {lr!r}")
+    if lr > float(_FLOAT32.max) or np.float32(lr) == 0:
+        raise ValueError(f"{fn}: lr must lie in {float(_FLOAT32.smallest_subnormal)!r}.."
+                         f"{float(_FLOAT32.max)!r}, the positive range of float32 (the dtype of "
+                         f"the update); got {lr!r}")
+    return float(lr)
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training, as one value.
+
+    Attributes:
+      params: the trainable parameters (a pytree, float32 master copies).
+      model_state: non-trainable layer state (a pytree, e.g. batch norm running statistics);
+        ``{}`` for models without any, which is every model of :data:`jaxcnn.models.MODELS`
+        today.
+      opt_state: the optimizer state (its step count drives the learning-rate schedule).
+      step: optimizer steps taken.
+      epoch: epochs finished.
+    """
+
+    params: Any
+    model_state: Any
+    opt_state: Any
+    step: int = 0
+    epoch: int = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,13 +271,17 @@ def _logits(params, x, apply, impl, dtype):
 
 
 @partial(jax.jit, static_argnames=("apply", "optimizer", "impl", "dtype"))
-def train_step(params, opt_state, batch, *, apply: Callable,
-               optimizer: optax.GradientTransformation, impl: str, dtype: str = "float32"):
+def train_step(params, opt_state, batch, *, apply: Callable, optimizer, impl: str,
+               dtype: str = "float32"):
     """One optimizer step on ``batch = (x, y)``: ``(params, opt_state, loss)`` after it.
 
-    ``loss`` is the loss of the batch *before* the update. ``apply``, ``optimizer``, ``impl``
-    and ``dtype`` are static: one compilation per (model, optimizer, impl, dtype, batch shape,
-    shardings).
+    ``loss`` is the loss of the batch *before* the update. ``optimizer`` is an
+    :class:`Optimizer` or any optax ``GradientTransformation``. ``apply``, ``optimizer``,
+    ``impl`` and ``dtype`` are static: one compilation per (apply, optimizer, impl, dtype,
+    batch shape, shardings), where jit compares ``apply`` and ``optimizer`` with ``==``. An
+    :class:`Optimizer` compares by its settings; a function, or an optax transformation you
+    build yourself, compares by identity, so make it once and pass the same object to every
+    step (``fit`` passes its model as a value too, see ``_Model``).
 
     Data parallelism needs nothing here: given a batch split over a mesh's ``"data"`` axis and
     replicated params (:mod:`jaxcnn.parallel`), XLA computes each device's share of the batch
@@ -275,105 +350,6 @@ def _pad_to(a: np.ndarray, size: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints.
-
-
-def save_checkpoint(path, params, opt_state, meta: dict) -> None:
-    """Write ``params``, ``opt_state`` and the JSON ``meta`` to ``path``, atomically.
-
-    Format: ``numpy.savez`` with one entry per leaf of ``{"params": params, "opt_state":
-    opt_state}``, named by its ``jax.tree_util.keystr`` path (``['params'][0]['kernel']``),
-    plus ``__meta__``, a JSON string. The file is written to a temporary file in the same
-    directory, flushed and fsynced, renamed over ``path`` with ``os.replace``, and the directory
-    is fsynced: a kill at any moment leaves either the old or the new checkpoint, complete.
-    """
-    named = _named_leaves(params, opt_state)
-    values = parallel.host([leaf for _, leaf in named])  # one transfer, this process's copies
-    arrays = {name: np.asarray(value) for (name, _), value in zip(named, values)}
-    arrays[_META_KEY] = np.array(json.dumps({"format": _FORMAT, **meta}))
-    _io.atomic_write(path, lambda f: np.savez(f, **arrays))
-
-
-def load_checkpoint(path, params, opt_state):
-    """Read a checkpoint into the tree structure of ``params`` and ``opt_state``.
-
-    ``params`` and ``opt_state`` are templates (a freshly initialised model and optimizer
-    state): the result has their structure, with every leaf read from the file.
-
-    Returns:
-      ``(params, opt_state, meta)``.
-
-    Raises:
-      FileNotFoundError: no file at ``path``.
-      ValueError: not a jaxcnn checkpoint, or one that does not match the templates; the
-        message names the first mismatching parameter and both shapes (or dtypes).
-    """
-    fn = "load_checkpoint"
-    path = pathlib.Path(path)
-    stored, meta = _read_npz(fn, path)
-    restored = []
-    named, (params_def, opt_def) = _named_leaves(params, opt_state, with_treedefs=True)
-    for name, leaf in named:
-        if name not in stored:
-            raise ValueError(
-                f"{fn}: {path} does not match the model: it has no entry {name} (shape "
-                f"{tuple(leaf.shape)} in the model); was it written for another model or "
-                f"optimizer?"
-            )
-        value = stored.pop(name)
-        if value.shape != tuple(leaf.shape):
-            raise ValueError(
-                f"{fn}: {path} does not match the model: {name} has shape {value.shape} in the "
-                f"checkpoint but {tuple(leaf.shape)} in the model"
-            )
-        if value.dtype != leaf.dtype:
-            raise ValueError(
-                f"{fn}: {path} does not match the model: {name} has dtype {value.dtype} in the "
-                f"checkpoint but {leaf.dtype} in the model"
-            )
-        restored.append(jnp.asarray(value))
-    if stored:
-        extra = sorted(stored)
-        raise ValueError(
-            f"{fn}: {path} does not match the model: the checkpoint has {len(extra)} entries "
-            f"the model has not, the first {extra[0]} (shape {stored[extra[0]].shape})"
-        )
-    n_params = params_def.num_leaves
-    return (jax.tree_util.tree_unflatten(params_def, restored[:n_params]),
-            jax.tree_util.tree_unflatten(opt_def, restored[n_params:]), meta)
-
-
-def _named_leaves(params, opt_state, *, with_treedefs=False):
-    """``[(name, leaf)]``, params first, each named ``['params']`` or ``['opt_state']``
-    followed by its ``keystr`` path; with the two tree definitions if asked."""
-    named, treedefs = [], []
-    for prefix, tree in (("params", params), ("opt_state", opt_state)):
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-        named += [(f"['{prefix}']" + jax.tree_util.keystr(p), leaf) for p, leaf in leaves]
-        treedefs.append(treedef)
-    return (named, treedefs) if with_treedefs else named
-
-
-def _read_npz(fn, path: pathlib.Path):
-    """The arrays (without the metadata) and the metadata of a checkpoint file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{fn}: no checkpoint at {path}")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            stored = {name: f[name] for name in f.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise ValueError(f"{fn}: {path} is not a readable checkpoint: {err}") from err
-    meta_entry = stored.pop(_META_KEY, None)
-    meta = json.loads(str(meta_entry)) if meta_entry is not None else {}
-    if meta.get("format") != _FORMAT:
-        raise ValueError(
-            f"{fn}: {path} is not a jaxcnn checkpoint: expected format {_FORMAT!r} in its "
-            f"{_META_KEY} entry; got {meta.get('format')!r}"
-        )
-    return stored, meta
-
-
-# --------------------------------------------------------------------------------------------
 # The fit loop.
 
 
@@ -382,18 +358,79 @@ class Preempted(Exception):
     every process at the same step; the checkpoint of the last finished epoch is kept."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread by a signal handler such as ``train.py``'s (in a
+    single process; a multi-process run stops together through :class:`Preempted`)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """:func:`fit` stopped by Ctrl-C (SIGINT) or :class:`Terminated` (SIGTERM).
+
+    ``str(err)`` says what is on disk and what to do next; ``exit_code`` is 130 or 143 (128 +
+    the signal's number), what the process would have returned had the signal ended it.
+    """
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 @dataclasses.dataclass(frozen=True)
 class FitResult:
-    """What :func:`fit` returns: the final state and the per-epoch records."""
+    """What :func:`fit` returns: the final train state and the per-epoch records."""
 
-    params: Any
-    opt_state: Any
-    step: int
-    epoch: int
+    state: TrainState
     history: list
     summary: dict
     losses: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
     """The training loss of every step this call ran (float64 copies of the step losses)."""
+
+    params = property(lambda self: self.state.params)
+    model_state = property(lambda self: self.state.model_state)
+    opt_state = property(lambda self: self.state.opt_state)
+    step = property(lambda self: self.state.step)
+    epoch = property(lambda self: self.state.epoch)
+
+
+class _Model(NamedTuple):
+    """A model of :data:`jaxcnn.models.MODELS` as plain data: its name and number of classes.
+
+    Called, it is the model's ``apply``. ``fit`` passes it to the jitted step and evaluation
+    as their static ``apply``: equal values hash alike, so every run of the same model reuses
+    the compiled step, whatever object the model constructor returns.
+    """
+
+    name: str
+    num_classes: int
+
+    def init(self, key, input_shape):
+        return MODELS[self.name](self.num_classes).init(key, input_shape)
+
+    def __call__(self, params, x, *, impl):
+        return MODELS[self.name](self.num_classes).apply(params, x, impl=impl)
+
+
+class _Run(NamedTuple):
+    """What stays fixed during one call of :func:`fit`."""
+
+    config: TrainConfig
+    ds: Any                  # a jaxcnn.data.Dataset, or anything with its attributes
+    mesh: Any                # the devices (jax.sharding.Mesh)
+    model: _Model
+    optimizer: Optimizer     # its cosine spans config.epochs epochs: the schedule of the run
+    steps_per_epoch: int
+    out: pathlib.Path
+    checkpoint: pathlib.Path
+
+
+@dataclasses.dataclass
+class _OnDisk:
+    """What one call of :func:`fit` has on disk, for the message of an interrupt."""
+
+    claimed: bool = False      # it holds the output directory and may have written there
+    resuming: bool = False     # it continues the checkpoint there
+    saved: int | None = None   # the epoch of that checkpoint (read or written); None: none yet
+    training: int = 1          # the epoch being trained (1-based)
 
 
 def fit(config: TrainConfig, *, dataset=None) -> FitResult:
@@ -401,13 +438,22 @@ def fit(config: TrainConfig, *, dataset=None) -> FitResult:
 
     Prints one line per epoch (train loss, test loss, test accuracy, images per second), shows
     a progress bar when stderr is a terminal, and leaves the files listed in the module
-    docstring in ``config.out_dir``.
+    docstring in ``config.out_dir``, which it holds alone while it runs (see
+    :mod:`jaxcnn._rundir`). After each epoch the checkpoint is written first, then the epoch's
+    line of ``metrics.jsonl``; ``summary.json`` is written last and removed by a run that trains
+    on, so after a crash at any moment ``metrics.jsonl`` lists no epoch the checkpoint lacks
+    and ``summary.json``, if there, describes the checkpoint beside it.
 
     Runs data-parallel on ``config.devices`` devices (default: all of them, in every process of
     a multi-process run started with :func:`jaxcnn.parallel.initialize`): params and optimizer
     state replicated, every batch split over the devices, each process loading only the rows
-    its own devices take. Process 0 alone prints and writes files; every process reads the
-    checkpoint when resuming.
+    its own devices take. Process 0 alone holds the directory, prints and writes files; every
+    process reads the checkpoint when resuming.
+
+    Resuming (``config.resume``) continues the checkpoint's run with its own learning-rate
+    schedule, so ``config.epochs`` must be the run's; a finished run is reported as finished,
+    or, with a larger ``epochs``, extended (the cosine then spans the new number of epochs, and
+    a note says so).
 
     Args:
       config: a :class:`TrainConfig`.
@@ -417,71 +463,405 @@ def fit(config: TrainConfig, *, dataset=None) -> FitResult:
     Raises:
       ValueError: a bad configuration, labels outside ``0..num_classes-1``, a batch size larger
         than the training set or not divisible by the number of devices, more devices than
-        there are, a checkpoint that does not match the model (and the errors of
+        there are, a checkpoint that is damaged, holds non-finite values or does not match the
+        model, or a resume that would change the run's schedule (and the errors of
         :func:`jaxcnn.data.load_dataset`).
       FileNotFoundError: data files missing, or ``resume`` / ``eval_only`` without a checkpoint.
-      FloatingPointError: the training loss became non-finite; the message names the step, and
-        the last checkpoint (from the epoch before) is left as it was.
+      FileExistsError: ``out`` holds another run's files and neither ``resume`` nor
+        ``overwrite`` is set.
+      RuntimeError: another run holds ``out``.
+      OSError: a file could not be written; the message names it and the epoch, and says what
+        is still on disk.
+      FloatingPointError: a training loss, the parameters or the test loss became non-finite;
+        nothing of that epoch is written and the last checkpoint is left as it was.
+      Interrupted: Ctrl-C or SIGTERM (:class:`Terminated`); the message says what is on disk.
     """
     fn = "fit"
     if not isinstance(config, TrainConfig):
         raise TypeError(f"{fn}: config must be a TrainConfig; got {type(config).__name__}")
     started = time.perf_counter()
+    disk = _OnDisk()
+    try:
+        run = _prepare(fn, config, dataset)
+        state = _initial_state(run)
+        if config.eval_only:
+            return _eval_only(run, state)
+        with contextlib.ExitStack() as held:
+            _on_main_process(
+                lambda: held.enter_context(_rundir.claim(
+                    fn, run.out, resume=config.resume, overwrite=config.overwrite)),
+                f"{fn}: taking the output directory {run.out}")
+            disk.claimed, disk.resuming = True, config.resume
+            return _train(run, state, disk, started)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt as err:
+        raise _interrupted(config, disk, err) from err
+
+
+def _prepare(fn, config: TrainConfig, dataset) -> _Run:
+    """Load and check the data, pick the devices, and resolve the model and the optimizer
+    (with the one learning-rate schedule of the run: a cosine over ``config.epochs`` epochs)
+    before anything is compiled or written."""
+    out = config.out_dir
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{fn}: the output directory {out} is an existing file, not a "
+                              f"directory; choose another --out (a directory, created if "
+                              f"missing)")
     ds = _load(config) if dataset is None else dataset
     _check_dataset(fn, ds, config)
     mesh = parallel.data_mesh(config.devices)
     if not config.eval_only:
         parallel.check_divisible(fn, "batch_size", config.batch_size, mesh)
-    main = parallel.is_main_process()
-    apply, params, opt_state, optimizer = _init(config, ds)
-    out = config.out_dir
-    checkpoint = out / CHECKPOINT
-    if config.eval_only:
-        return _eval_only(config, ds, apply, params, opt_state, checkpoint, mesh)
-    step, start_epoch, history = 0, 0, []
-    if config.resume:
-        params, opt_state, meta = _load_everywhere(checkpoint, params, opt_state)
-        step, start_epoch, history = meta["step"], meta["epoch"], meta["history"]
-        if main:
-            _note_config_changes(config, meta["config"])
-    params, opt_state = parallel.replicate((params, opt_state), mesh)
+    steps = data.num_batches(len(ds.train_x), config.batch_size)
+    optimizer = make_optimizer(config.optimizer, config.lr, decay_steps=config.epochs * steps)
+    return _Run(config, ds, mesh, _Model(config.model, ds.num_classes), optimizer, steps, out,
+                out / CHECKPOINT)
 
-    def start():
-        out.mkdir(parents=True, exist_ok=True)
-        _io.atomic_write(out / METRICS, lambda f: f.write(_jsonl(history).encode()))
-        print(_header(config, ds, params, start_epoch, mesh), flush=True)
 
-    _on_main_process(start, f"{fn}: creating {out / METRICS}")
+def _initial_state(run: _Run) -> TrainState:
+    """Fresh params from ``jax.random.key(seed)``, no model state, a fresh optimizer state."""
+    _, params = run.model.init(jax.random.key(run.config.seed),
+                               (-1, *run.ds.train_x.shape[1:]))
+    return TrainState(params, {}, run.optimizer.init(params))
+
+
+def _replicate(state: TrainState, mesh) -> TrainState:
+    params, model_state, opt_state = parallel.replicate(
+        (state.params, state.model_state, state.opt_state), mesh)
+    return state._replace(params=params, model_state=model_state, opt_state=opt_state)
+
+
+def _train(run: _Run, state: TrainState, disk: _OnDisk, started: float) -> FitResult:
+    """With the output directory held: start or resume, then train epoch by epoch, writing the
+    checkpoint and the metrics after each, and the summary at the end."""
+    fn = "fit"
+    history = []
+    if run.config.resume:
+        state, history = _resume(run, state)
+        disk.saved = state.epoch
+        if state.epoch == run.config.epochs:
+            return _finished(run, state, history, started)
+    state = _replicate(state, run.mesh)
+    _on_main_process(lambda: _start(run, state, history), f"{fn}: writing {run.out / METRICS}")
     losses = []
-    for epoch in range(start_epoch, config.epochs):
-        params, opt_state, step, record, epoch_losses = _run_epoch(
-            config, ds, apply, optimizer, params, opt_state, step, epoch, checkpoint, mesh)
+    for _ in range(state.epoch, run.config.epochs):
+        disk.training = state.epoch + 1
+        state, record, epoch_losses = _train_and_evaluate(run, state)
         history.append(record)
         losses.append(epoch_losses)
+        with _io.signals_deferred():  # the files and `disk` change together
+            _on_main_process(lambda: _save_epoch(run, state, history),
+                             f"{fn}: writing epoch {state.epoch}'s metrics and checkpoint in "
+                             f"{run.out}")
+            disk.saved = state.epoch
+    summary = _report.summary(run.config, history, state.params, state.step,
+                              time.perf_counter() - started, run.mesh)
+    _on_main_process(lambda: _finish(run, state, history, summary),
+                     f"{fn}: writing {run.out / SUMMARY}")
+    return FitResult(state, history, summary, np.concatenate(losses) if losses else np.zeros(0))
 
-        def end_of_epoch():
-            _append_line(out / METRICS, json.dumps(record))
-            save_checkpoint(checkpoint, params, opt_state,
-                            _checkpoint_meta(config, step, epoch + 1, history))
-            print(_epoch_line(record, config.epochs), flush=True)
 
-        _on_main_process(end_of_epoch, f"{fn}: writing epoch {epoch + 1}'s metrics and "
-                                       f"checkpoint in {out}")
-    summary = _summary(config, history, params, step, time.perf_counter() - started, mesh)
-    final = history[-1] if history else {}
+def _start(run: _Run, state: TrainState, history) -> None:
+    """Process 0, before the first step: drop results that would describe an older checkpoint,
+    make ``metrics.jsonl`` list exactly the checkpoint's epochs, print the header."""
+    _rundir.remove_results(run.out)
+    _report.write_metrics(run.out / METRICS, history)
+    print(_report.header(run.config, run.ds, state.params, state.epoch, run.mesh), flush=True)
 
-    def finish():
-        _io.atomic_write(out / SUMMARY,
-                         lambda f: f.write(json.dumps(summary, indent=2).encode()))
-        save_plots(out, history, parallel.host(params))
-        if final:
-            print(f"test accuracy {100 * final['test_accuracy']:.2f}% after "
-                  f"{_plural(final['epoch'], 'epoch')} ({summary['wall_time_seconds']:.1f} s); "
-                  f"results in {out}", flush=True)
 
-    _on_main_process(finish, f"{fn}: writing {out / SUMMARY}")
-    return FitResult(params, opt_state, step, len(history), history, summary,
-                     np.concatenate(losses) if losses else np.zeros(0))
+def train_epoch(run: _Run, state: TrainState):
+    """The training steps of one epoch: ``(state, step losses as float64, seconds)``.
+
+    Each process gathers only its own rows of every batch (:func:`jaxcnn.parallel.process_rows`)
+    and hands them to its devices. Losses stay on the devices and are read every
+    :data:`SYNC_EVERY` steps, in one transfer: for the progress bar and to stop at the first
+    non-finite loss.
+    """
+    config, ds = run.config, run.ds
+    rows = parallel.process_rows(run.mesh, config.batch_size)
+    params, opt_state = state.params, state.opt_state
+    done, pending = [], []
+    started = time.perf_counter()
+    with _progress_bar(run, state.epoch) as bar:
+        for i, idx in enumerate(data.batch_indices(len(ds.train_x), config.batch_size,
+                                                   seed=config.seed, epoch=state.epoch)):
+            batch = _put(run.mesh, config.batch_size, ds.train_x[idx[rows]],
+                         ds.train_y[idx[rows]])
+            params, opt_state, loss = train_step(params, opt_state, batch, apply=run.model,
+                                                 optimizer=run.optimizer, impl=config.impl,
+                                                 dtype=config.dtype)
+            pending.append(loss)
+            step = state.step + i + 1
+            if parallel.preempted(step):
+                raise Preempted(_preempted(run, state, step))
+            if len(pending) == SYNC_EVERY or i == run.steps_per_epoch - 1:
+                losses = np.asarray(parallel.host(pending), np.float64)
+                _check_losses(losses, step + 1 - len(pending), run, state.epoch)
+                done.append(losses)
+                bar.update(len(pending))
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                pending = []
+    seconds = time.perf_counter() - started
+    state = state._replace(params=params, opt_state=opt_state,
+                           step=state.step + run.steps_per_epoch, epoch=state.epoch + 1)
+    return state, np.concatenate(done), seconds
+
+
+def _progress_bar(run: _Run, epoch: int):
+    """tqdm's bar for one epoch, shown only on a terminal and by process 0."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{run.config.epochs}",
+                unit="batch", leave=False,
+                disable=not (sys.stderr.isatty() and parallel.is_main_process()))
+
+
+def _preempted(run: _Run, state: TrainState, step: int) -> str:
+    return (f"fit: preempted at step {step} (epoch {state.epoch + 1}, batch "
+            f"{step - state.step} of {run.steps_per_epoch}): a process received SIGTERM and "
+            f"every process stopped there together; the last checkpoint, {run.checkpoint} "
+            f"(epoch {state.epoch}), is left as it was")
+
+
+def _check_losses(losses, first_step, run: _Run, epoch: int):
+    """Raise FloatingPointError naming the first step whose loss is not finite."""
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if not bad.size:
+        return
+    step = first_step + int(bad[0])
+    batch = step - epoch * run.steps_per_epoch
+    raise FloatingPointError(
+        f"fit: the training loss is {losses[bad[0]]} at step {step} (epoch {epoch + 1}, batch "
+        f"{batch} of {run.steps_per_epoch}); training stopped and {_kept(run, epoch)}. Check "
+        f"the data for NaN or infinite values, or lower the learning rate (lr={run.config.lr})"
+    )
+
+
+def _kept(run: _Run, epoch: int) -> str:
+    """What is on disk when epoch ``epoch + 1`` fails before its checkpoint is written."""
+    if epoch > 0 and run.checkpoint.is_file():
+        return f"the last good checkpoint, {run.checkpoint} (epoch {epoch}), is left as it was"
+    return "no checkpoint had been written yet"
+
+
+def _train_and_evaluate(run: _Run, state: TrainState):
+    """One epoch of training, then the test set: ``(state, the epoch's record, losses)``."""
+    state, losses, seconds = train_epoch(run, state)
+    test = evaluate(state.params, run.ds.test_x, run.ds.test_y, apply=run.model,
+                    impl=run.config.impl, dtype=run.config.dtype, mesh=run.mesh)
+    _check_state(run, state, test)
+    record = {
+        "epoch": state.epoch,
+        "step": state.step,
+        "train_loss": float(losses.mean()),
+        "test_loss": test["loss"],
+        "test_accuracy": test["accuracy"],
+        "images_per_second": run.steps_per_epoch * run.config.batch_size / seconds,
+        "train_seconds": seconds,
+    }
+    return state, record, losses
+
+
+def _check_state(run: _Run, state: TrainState, test) -> None:
+    """Raise FloatingPointError, before anything of the epoch is written, when its last steps
+    left non-finite values in the state, or a non-finite test loss: the losses checked during
+    the epoch are those *before* each update, so the last update is checked here."""
+    named = checkpoint.named_leaves(state)
+    finite, largest = parallel.host(_finite_leaves([leaf for _, leaf in named], state.params))
+    epoch, kept, lr = state.epoch, _kept(run, state.epoch - 1), run.config.lr
+    if not all(finite):
+        name = named[list(finite).index(False)][0]
+        raise FloatingPointError(
+            f"fit: after epoch {epoch} (step {state.step}) {name} holds NaN or infinite values, "
+            f"although every training loss of the epoch was finite: an update at the end of the "
+            f"epoch blew up. Training stopped and {kept}. Lower the learning rate (lr={lr})")
+    if not math.isfinite(test["loss"]):
+        raise FloatingPointError(
+            f"fit: after epoch {epoch} (step {state.step}) the test loss is {test['loss']} "
+            f"although the parameters are finite (the largest |parameter| is {largest:.3g}): "
+            f"either the last updates made them too large or the test data hold NaN or infinite "
+            f"values. Training stopped and {kept}. Check the data, or lower the learning rate "
+            f"(lr={lr})")
+
+
+@jax.jit
+def _finite_leaves(leaves, params):
+    """Whether each leaf is free of NaN and infinities, and the largest |parameter|."""
+    finite = [jnp.all(jnp.isfinite(leaf)) for leaf in leaves]
+    largest = jnp.max(jnp.stack([jnp.max(jnp.abs(p)).astype(jnp.float32)
+                                 for p in jax.tree_util.tree_leaves(params)]))
+    return finite, largest
+
+
+def _save_epoch(run: _Run, state: TrainState, history) -> None:
+    """Process 0, after each epoch: the checkpoint first, then the epoch's line of
+    ``metrics.jsonl`` (so it never lists an epoch that no checkpoint has), then the console
+    line. A failed write names the file, the epoch and what is still on disk."""
+    epoch, metrics = state.epoch, run.out / METRICS
+    meta = checkpoint.run_meta(run.config.to_json(), state, history)
+    _write(run.checkpoint, epoch, _kept(run, epoch - 1),
+           lambda: save_checkpoint(run.checkpoint, state, meta))
+    _write(metrics, epoch, f"the checkpoint, {run.checkpoint} (epoch {epoch}), is complete; "
+                           f"--resume rewrites {METRICS} from it",
+           lambda: _report.append_metrics(metrics, history[-1]))
+    print(_report.epoch_line(history[-1], run.config.epochs), flush=True)
+
+
+def _write(what, epoch: int, kept: str, write: Callable[[], None]) -> None:
+    """``write()``; an OSError is raised again naming ``what`` (a path), the epoch, and what
+    is ``kept`` on disk."""
+    try:
+        write()
+    except OSError as err:
+        raise OSError(f"fit: could not write {what} after epoch {epoch}: {err}; training "
+                      f"stopped and {kept}") from err
+
+
+def _finish(run: _Run, state: TrainState, history, summary) -> None:
+    """Process 0, at the end: summary.json, the plots, the final console line."""
+    _write_results(run, state, history, summary)
+    if history:
+        print(_report.final_line(history[-1], summary["wall_time_seconds"], run.out),
+              flush=True)
+
+
+def _write_results(run: _Run, state: TrainState, history, summary) -> None:
+    """Process 0, after the last epoch: summary.json, then the plots."""
+    done = f"the checkpoint, {run.checkpoint} (epoch {state.epoch}),"
+    _write(run.out / SUMMARY, state.epoch, f"{done} is complete; run again with --resume to "
+                                           f"write the summary",
+           lambda: _report.write_summary(run.out / SUMMARY, summary))
+    _write(f"the plots in {run.out}", state.epoch, f"{done} and {SUMMARY} are complete; only "
+                                                   f"the plots are missing",
+           lambda: _report.save_plots(run.out, history, parallel.host(state.params)))
+
+
+def _finished(run: _Run, state: TrainState, history, started: float) -> FitResult:
+    """``resume`` of a run that has trained all its epochs: say so; and if its summary is
+    missing (a kill or a failed write after the last checkpoint), write it and
+    ``metrics.jsonl`` from the checkpoint."""
+    summary = _report.summary(run.config, history, state.params, state.step,
+                              time.perf_counter() - started, run.mesh)
+
+    def report():
+        wrote = ""
+        if not (run.out / SUMMARY).is_file():
+            _write(run.out / METRICS, state.epoch, f"the checkpoint, {run.checkpoint} (epoch "
+                   f"{state.epoch}), is complete", lambda: _report.write_metrics(
+                       run.out / METRICS, history))
+            _write_results(run, state, history, summary)
+            wrote = f"its {METRICS} and {SUMMARY} are written now"
+        print(_report.finished_line(run.out, state, wrote), flush=True)
+
+    _on_main_process(report, f"fit: writing {run.out / SUMMARY}")
+    return FitResult(state, history, summary)
+
+
+# --------------------------------------------------------------------------------------------
+# Resuming and evaluating a checkpoint.
+
+
+def _resume(run: _Run, state: TrainState):
+    """The checkpoint's state and history, once its schedule allows this resume."""
+    state, meta = load_everywhere(run.checkpoint, state)
+    saved = _saved_config(run.checkpoint, state, meta)
+    extension = _check_schedule(run, state, saved)
+    if parallel.is_main_process():
+        for note in (_report.settings_note(run.config.to_json(), meta["config"],
+                                           TrainConfig().to_json()), extension):
+            if note:
+                print(note, flush=True)
+    return state, meta["history"]
+
+
+def _check_schedule(run: _Run, state: TrainState, saved: TrainConfig) -> str | None:
+    """Refuse a resume that would change an unfinished run's learning-rate schedule or go past
+    ``config.epochs``; for a finished run resumed to more epochs, the note that says so."""
+    fn, epochs, done, planned = "fit", run.config.epochs, state.epoch, saved.epochs
+    if done > epochs:
+        raise ValueError(
+            f"{fn}: the checkpoint {run.checkpoint} is at epoch {done}, past --epochs {epochs}; "
+            f"resume it with --epochs {planned} (its own), or evaluate it with --eval-only")
+    if done < planned and epochs != planned:
+        raise ValueError(
+            f"{fn}: the run in {run.out} was started for {planned} epochs and stopped after "
+            f"epoch {done}; resuming it with --epochs {epochs} would change its cosine "
+            f"learning-rate schedule, which spans all {planned} epochs, so the result would "
+            f"match no uninterrupted run. Resume it with --epochs {planned}; to train longer on "
+            f"purpose, let it finish, then resume the finished run with a larger --epochs")
+    if done == planned < epochs:
+        return _report.extension_note(planned, epochs, state.step,
+                                      run.optimizer.learning_rate(state.step))
+    return None
+
+
+def _saved_config(path, state: TrainState, meta: dict) -> TrainConfig:
+    """The configuration of the run that wrote a checkpoint, its run fields checked
+    (:func:`jaxcnn.checkpoint.check_run`) and the configuration itself made a
+    :class:`TrainConfig`; errors name the file."""
+    fn, defaults = "fit", TrainConfig().to_json()
+    fields = checkpoint.check_run(fn, path, state, meta)
+    unknown = sorted(set(fields) - set(defaults))
+    if unknown:
+        raise checkpoint.malformed(fn, path, f"field 'config' has an unknown setting "
+                                             f"{unknown[0]!r}")
+    try:
+        saved = TrainConfig(**{**defaults, **fields})  # a newer setting had its default
+    except (TypeError, ValueError) as err:
+        raise checkpoint.malformed(fn, path, f"field 'config' is not valid ({err})") from err
+    if state.epoch > saved.epochs:
+        raise checkpoint.malformed(fn, path, f"field 'epoch' ({state.epoch}) is past the run's "
+                                             f"own epochs ({saved.epochs})")
+    checkpoint.check_field(fn, path, meta["rng"], "seed", lambda v: v == saved.seed,
+                           f"the config's seed ({saved.seed})", "rng")
+    return saved
+
+
+def _eval_only(run: _Run, state: TrainState) -> FitResult:
+    """Evaluate the checkpoint in ``config.out`` on the test set and print the result."""
+    state, meta = load_everywhere(run.checkpoint, state)
+    saved = _saved_config(run.checkpoint, state, meta)
+    state = state._replace(params=parallel.replicate(state.params, run.mesh))
+    test = evaluate(state.params, run.ds.test_x, run.ds.test_y, apply=run.model,
+                    impl=run.config.impl, dtype=run.config.dtype, mesh=run.mesh)
+    if parallel.is_main_process():
+        note = _report.test_set_note(run.config, saved)
+        print(*([note] if note else []), _report.eval_line(run.checkpoint, state, test),
+              sep="\n", flush=True)
+    summary = {"test_loss": test["loss"], "test_accuracy": test["accuracy"],
+               "checkpoint": str(run.checkpoint)}
+    return FitResult(state, meta["history"], summary)
+
+
+def _interrupted(config: TrainConfig, disk: _OnDisk, err: KeyboardInterrupt) -> Interrupted:
+    """The :class:`Interrupted` error for Ctrl-C or SIGTERM, saying what is true on disk."""
+    sigterm = isinstance(err, Terminated)
+    what = "terminated (SIGTERM)" if sigterm else "interrupted (Ctrl-C)"
+    path = config.out_dir / CHECKPOINT
+    where = (f"after epoch {disk.saved} of {config.epochs}" if disk.saved == disk.training else
+             f"in epoch {disk.training} of {config.epochs}")
+    if not disk.claimed:
+        text = f"{what} before anything was written"
+    elif disk.saved is None and disk.resuming:
+        text = (f"{what} before training resumed; the checkpoint {path} is left as it was: "
+                f"continue with the same options and --resume")
+    elif disk.saved is None:
+        text = (f"{what} {where}, before any epoch finished: no checkpoint was written, so "
+                f"there is nothing to resume; start the run again")
+    elif disk.saved >= config.epochs:
+        text = (f"{what} after the last epoch: training finished and the checkpoint, {path} "
+                f"(epoch {disk.saved}), is complete; run again with --resume to write the "
+                f"summary")
+    else:
+        redone = "" if disk.saved == disk.training else " (the steps since that epoch are redone)"
+        text = (f"{what} {where}; the last checkpoint, {path} (epoch {disk.saved}), is left as "
+                f"it was: continue with the same options and --resume{redone}")
+    return Interrupted(f"fit: {text}", 143 if sigterm else 130)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers: multi-process writes, the dataset.
 
 
 def _on_main_process(work: Callable[[], None], what: str) -> None:
@@ -497,37 +877,6 @@ def _on_main_process(work: Callable[[], None], what: str) -> None:
     parallel.agree(error is None, what)
     if error is not None:
         raise error
-
-
-def _load_everywhere(checkpoint, params, opt_state):
-    """:func:`load_checkpoint` in every process, and make sure that every process read the
-    same checkpoint (epoch, step and a checksum of the params): on hosts that do not share
-    ``--out``, a copy that process 0 did not update would otherwise train different params
-    in lockstep with the others."""
-    fn = "fit"
-    error, mine = None, [0, 0, 0, 0]
-    try:
-        params, opt_state, meta = load_checkpoint(checkpoint, params, opt_state)
-        leaves = parallel.host(jax.tree_util.tree_leaves(params))
-        crc = zlib.crc32(b"".join(np.ascontiguousarray(a).tobytes() for a in leaves))
-        mine = [1, meta["epoch"], meta["step"], crc & 0x7FFFFFFF]
-    except (OSError, ValueError) as err:
-        error = err
-    table = parallel.gather(mine)
-    if error is not None:
-        raise error
-    unreadable = [p for p, row in enumerate(table) if not row[0]]
-    if unreadable:
-        raise ValueError(f"{fn}: process {', '.join(map(str, unreadable))} could not read its "
-                         f"checkpoint at {checkpoint} (its own error says why); every process "
-                         f"needs the same checkpoint: put --out on a file system all hosts see")
-    if (table != table[0]).any():
-        seen = "; ".join(f"process {p}: epoch {e}, step {s}, params checksum {c:08x}"
-                         for p, (_, e, s, c) in enumerate(table))
-        raise ValueError(f"{fn}: the processes read different checkpoints at {checkpoint} "
-                         f"({seen}); every process needs the same checkpoint: put --out on a "
-                         f"file system all hosts see")
-    return params, opt_state, meta
 
 
 def _load(config: TrainConfig):
@@ -557,269 +906,3 @@ def _check_dataset(fn, ds, config: TrainConfig):
             f"{fn}: batch_size ({config.batch_size}) must be <= the number of training "
             f"examples ({n_train}) of {config.dataset}"
         )
-
-
-def _init(config: TrainConfig, ds):
-    """The model's ``apply``, fresh params and optimizer state, and the optimizer."""
-    init, apply = MODELS[config.model](ds.num_classes)
-    _, params = init(jax.random.key(config.seed), (-1, *ds.train_x.shape[1:]))
-    total = config.epochs * data.num_batches(len(ds.train_x), config.batch_size)
-    optimizer = make_optimizer(config.optimizer, float(config.lr), decay_steps=total)
-    return apply, params, optimizer.init(params), optimizer
-
-
-def _run_epoch(config, ds, apply, optimizer, params, opt_state, step, epoch, checkpoint, mesh):
-    """Train one epoch and evaluate; return the new state, step, the epoch's record and the
-    step losses."""
-    params, opt_state, step, losses, seconds = _train_epoch(
-        config, ds, apply, optimizer, params, opt_state, step, epoch, checkpoint, mesh)
-    test = evaluate(params, ds.test_x, ds.test_y, apply=apply, impl=config.impl,
-                    dtype=config.dtype, mesh=mesh)
-    n_images = data.num_batches(len(ds.train_x), config.batch_size) * config.batch_size
-    record = {
-        "epoch": epoch + 1,
-        "step": step,
-        "train_loss": float(losses.mean()),
-        "test_loss": test["loss"],
-        "test_accuracy": test["accuracy"],
-        "images_per_second": n_images / seconds,
-        "train_seconds": seconds,
-    }
-    return params, opt_state, step, record, losses
-
-
-def _train_epoch(config, ds, apply, optimizer, params, opt_state, step, epoch, checkpoint,
-                 mesh):
-    """The training steps of one epoch; returns the step losses as float64.
-
-    Each process gathers only its own rows of every batch (:func:`jaxcnn.parallel.process_rows`)
-    and hands them to its devices. Losses stay on the devices and are read every
-    :data:`SYNC_EVERY` steps, in one transfer: for the progress bar and to stop at the first
-    non-finite loss.
-    """
-    from tqdm.auto import tqdm
-
-    n_batches = data.num_batches(len(ds.train_x), config.batch_size)
-    bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
-               leave=False, disable=not (sys.stderr.isatty() and parallel.is_main_process()))
-    rows = parallel.process_rows(mesh, config.batch_size)
-    done, pending = [], []
-    started = time.perf_counter()
-    with bar:
-        indices = data.batch_indices(len(ds.train_x), config.batch_size, seed=config.seed,
-                                     epoch=epoch)
-        for i, idx in enumerate(indices):
-            local = idx[rows]
-            batch = _put(mesh, config.batch_size, ds.train_x[local], ds.train_y[local])
-            params, opt_state, loss = train_step(params, opt_state, batch, apply=apply,
-                                                 optimizer=optimizer, impl=config.impl,
-                                                 dtype=config.dtype)
-            pending.append(loss)
-            if parallel.preempted(step + i + 1):
-                raise Preempted(
-                    f"fit: preempted at step {step + i + 1} (epoch {epoch + 1}, batch {i + 1} of "
-                    f"{n_batches}): a process received SIGTERM and every process stopped "
-                    f"there together; the last checkpoint, {checkpoint} (epoch {epoch}), is "
-                    f"left as it was")
-            if len(pending) == SYNC_EVERY or i == n_batches - 1:
-                losses = np.asarray(parallel.host(pending), np.float64)
-                first = step + i + 2 - len(pending)  # the 1-based step of pending[0]
-                _check_finite(losses, first, config, epoch, n_batches, checkpoint)
-                done.append(losses)
-                bar.update(len(pending))
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                pending = []
-    seconds = time.perf_counter() - started
-    return params, opt_state, step + n_batches, np.concatenate(done), seconds
-
-
-def _check_finite(losses, first_step, config, epoch, n_batches, checkpoint):
-    """Raise FloatingPointError naming the first step whose loss is not finite."""
-    bad = np.flatnonzero(~np.isfinite(losses))
-    if not bad.size:
-        return
-    step = first_step + int(bad[0])
-    batch = step - epoch * n_batches
-    kept = (f"the last good checkpoint, {checkpoint} (epoch {epoch}), is left as it was"
-            if epoch > 0 and checkpoint.exists() else "no checkpoint had been written yet")
-    raise FloatingPointError(
-        f"fit: the training loss is {losses[bad[0]]} at step {step} (epoch {epoch + 1}, batch "
-        f"{batch} of {n_batches}); training stopped and {kept}. Check the data for NaN or "
-        f"infinite values, or lower the learning rate (lr={config.lr})"
-    )
-
-
-def _eval_only(config, ds, apply, params, opt_state, checkpoint, mesh) -> FitResult:
-    """Evaluate the checkpoint in ``config.out`` on the test set and print the result."""
-    params, opt_state, meta = _load_everywhere(checkpoint, params, opt_state)
-    params = parallel.replicate(params, mesh)
-    test = evaluate(params, ds.test_x, ds.test_y, apply=apply, impl=config.impl,
-                    dtype=config.dtype, mesh=mesh)
-    if parallel.is_main_process():
-        print(f"checkpoint {checkpoint} (epoch {meta['epoch']}, step {meta['step']}): test "
-              f"loss {test['loss']:.4f}  test acc {100 * test['accuracy']:.2f}% "
-              f"({test['correct']}/{test['n']})", flush=True)
-    summary = {"test_loss": test["loss"], "test_accuracy": test["accuracy"],
-               "checkpoint": str(checkpoint)}
-    return FitResult(params, opt_state, meta["step"], meta["epoch"], meta["history"], summary)
-
-
-def _note_config_changes(config: TrainConfig, saved: dict):
-    """Say which settings differ from the checkpoint's (a changed seed, batch size or learning
-    rate makes the resumed run differ from an uninterrupted one)."""
-    ignored = {"epochs", "resume", "eval_only", "out", "devices"}  # devices: rounding only
-    current, defaults = config.to_json(), TrainConfig().to_json()
-    saved = {**defaults, **saved}  # a setting newer than the checkpoint had its default
-    changed = [f"{k} {saved[k]!r} -> {current[k]!r}" for k in current
-               if k not in ignored and saved[k] != current[k]]
-    if changed:
-        print(f"note: resuming with settings that differ from the checkpoint's: "
-              f"{', '.join(changed)}", flush=True)
-
-
-def _checkpoint_meta(config, step, epoch, history) -> dict:
-    return {
-        "step": step,
-        "epoch": epoch,
-        "rng": {"seed": config.seed, "next_epoch": epoch,
-                "note": "params from jax.random.key(seed); batch order of epoch e from "
-                        "numpy.random.default_rng([seed, e])"},
-        "config": config.to_json(),
-        "history": history,
-        "jaxcnn_version": __version__,
-    }
-
-
-def _summary(config, history, params, step, wall_time, mesh) -> dict:
-    return {
-        "final": history[-1] if history else None,
-        "best_test_accuracy": max((r["test_accuracy"] for r in history), default=None),
-        "epochs": len(history),
-        "steps": step,
-        "num_params": count_params(params),
-        "wall_time_seconds": wall_time,
-        "train_seconds_total": sum(r["train_seconds"] for r in history),
-        "config": config.to_json(),
-        "versions": {"jaxcnn": __version__, "jax": jax.__version__,
-                     "jaxlib": _jaxlib_version(), "optax": optax.__version__, "numpy": np.__version__,
-                     "python": platform.python_version()},
-        "backend": jax.default_backend(),
-        "devices": [str(d) for d in mesh.devices.flat],
-        "processes": jax.process_count(),
-        "platform": platform.platform(),
-    }
-
-
-def _jaxlib_version():
-    try:
-        import jaxlib
-
-        return jaxlib.__version__
-    except (ImportError, AttributeError):
-        return None
-
-
-def _header(config, ds, params, start_epoch, mesh) -> str:
-    what = f"resuming at epoch {start_epoch + 1}" if start_epoch else "training"
-    precision = "" if config.dtype == "float32" else f", {config.dtype} compute"
-    return (f"{what}: {config.model} ({count_params(params):,} params, impl {config.impl}"
-            f"{precision}) on {config.dataset} ({len(ds.train_x)} train / {len(ds.test_x)} "
-            f"test), {config.optimizer} lr {config.lr:g}, batch {config.batch_size}, "
-            f"{_plural(config.epochs, 'epoch')}, seed {config.seed}, "
-            f"{parallel.describe(mesh)} -> {config.out_dir}")
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
-
-
-def _epoch_line(record, epochs) -> str:
-    return (f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f}  "
-            f"test loss {record['test_loss']:.4f}  test acc "
-            f"{100 * record['test_accuracy']:.2f}%  {record['images_per_second']:.0f} img/s")
-
-
-def _jsonl(records) -> str:
-    return "".join(json.dumps(r) + "\n" for r in records)
-
-
-def _append_line(path, line: str):
-    """Append one line and make it durable."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-# --------------------------------------------------------------------------------------------
-# Plots.
-
-
-def save_plots(out, history, params) -> list[pathlib.Path]:
-    """``curves.png`` (losses and accuracy per epoch) and ``filters.png`` (the first layer's
-    kernels) in ``out``; without matplotlib, print that the plots were skipped."""
-    try:
-        plt = _pyplot()
-    except ImportError:
-        print(PLOTS_SKIPPED, flush=True)
-        return []
-    out = pathlib.Path(out)
-    paths = [_plot_curves(plt, out / "curves.png", history)]
-    kernel = _first_kernel(params)
-    if kernel is not None:
-        paths.append(_plot_filters(plt, out / "filters.png", kernel))
-    return paths
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _plot_curves(plt, path, history):
-    epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
-    ax_loss.plot(epochs, [r["test_loss"] for r in history], "o-", label="test")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax_loss.legend()
-    ax_acc.plot(epochs, [100 * r["test_accuracy"] for r in history], "o-", color="C1")
-    ax_acc.set(xlabel="epoch", ylabel="%", title="test accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def _first_kernel(params):
-    """The first leaf of rank 4 (a 2-d convolution kernel), or None."""
-    for leaf in jax.tree_util.tree_leaves(params):
-        if leaf.ndim == 4:
-            return np.asarray(jax.device_get(leaf))
-    return None
-
-
-def _plot_filters(plt, path, kernel):
-    """One image per output channel of ``kernel: (kh, kw, C_in, C_out)``, input channel 0."""
-    c_out = kernel.shape[-1]
-    cols = min(c_out, 8)
-    rows = -(-c_out // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.2 * cols, 1.2 * rows + 0.4), squeeze=False)
-    limit = float(np.abs(kernel[..., 0, :]).max()) or 1.0
-    for j, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if j < c_out:
-            ax.imshow(kernel[..., 0, j], cmap="RdBu_r", vmin=-limit, vmax=limit)
-            ax.set_title(str(j), fontsize=8)
-    fig.suptitle("first layer kernels (input channel 0)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

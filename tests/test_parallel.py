@@ -245,7 +245,9 @@ def stops(children):
 def test_when_process_zero_cannot_write_every_process_stops(stops):
     (code0, code1), (out0, out1) = stops["unwritable"]
     assert (code0, code1) == (1, 1), (out0, out1)
-    assert re.search(r"train\.py: error: \[Errno 21\] Is a directory", out0), out0
+    assert re.search(r"train\.py: error: fit: could not write \S*unwritable/checkpoint\.npz after "
+                     r"epoch 1: \[Errno 21\] Is a directory: .*; training stopped and no "
+                     r"checkpoint had been written yet", out0), out0
     assert ("train.py: error: fit: writing epoch 1's metrics and checkpoint in "
             in out1 and "failed in process 0 (its own error says why); every process stops"
             in out1), out1

@@ -1,8 +1,10 @@
 """Tests for train.py: the command line, end to end on IDX files this test writes itself.
 
 One run goes through a real ``python train.py`` subprocess (MNIST-format files in a temporary
---data-dir); the error paths call ``train.main(argv)`` in this process. No test touches the
-internet: the download mirrors point at a closed port on 127.0.0.1.
+--data-dir); the error paths call ``train.main(argv)`` in this process. Four more processes,
+started together, test what needs a real process: a lock held by another process, kill -9
+during and right after a checkpoint write, SIGTERM. No test touches the internet: the download
+mirrors point at a closed port on 127.0.0.1.
 """
 
 import gzip
@@ -10,13 +12,15 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
-from jaxcnn import training
+from jaxcnn import _io, _report, _rundir, training
 
 from conftest import IDX_NAMES as IDX, ROOT, closed_port_url, load_cli, write_idx_files
 
@@ -78,7 +82,7 @@ def test_mnist_end_to_end(mnist_run):
     have_matplotlib = importlib.util.find_spec("matplotlib") is not None
     for name in ("curves.png", "filters.png"):
         assert (out / name).is_file() == have_matplotlib
-    assert (training.PLOTS_SKIPPED in proc.stdout) != have_matplotlib
+    assert (_report.PLOTS_SKIPPED in proc.stdout) != have_matplotlib
 
 
 def test_eval_only_on_the_run(mnist_run, capsys):
@@ -125,6 +129,10 @@ def test_options_reach_the_config():
         n_train=100, n_test=50, devices=2, dtype="bfloat16")
 
 
+def test_overwrite_reaches_the_config():
+    assert cli.parse_args(["--overwrite"]) == training.TrainConfig(overwrite=True)
+
+
 def test_distributed_options_are_kept_apart_from_the_config():
     config, dist = cli.parse_command_line(["--coordinator", "10.0.0.1:1234", "--num-processes",
                                            "4", "--process-id", "3", "--epochs", "2"])
@@ -162,6 +170,9 @@ def test_bad_distributed_settings_exit_1_before_anything_starts(argv, match, tmp
     (["--dtype", "float16"], r"argument --dtype: invalid choice: 'float16'"),
     (["--devices", "0"], r"TrainConfig: devices must be >= 1; got 0"),
     (["--process-id", "x"], r"argument --process-id: invalid int value: 'x'"),
+    (["--resume", "--overwrite"], r"argument --overwrite: not allowed with argument --resume"),
+    (["--lr", "1e39"], r"TrainConfig: lr must lie in .*, the positive range of float32 \(the "
+                       r"dtype of the update\); got 1e\+39"),
 ])
 def test_bad_arguments_exit_2_with_a_clear_message(argv, match, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -215,3 +226,193 @@ def test_batch_size_larger_than_the_training_set(tmp_path, capsys):
     assert run_mnist(data_dir, tmp_path, "--batch-size", "512") == 1
     assert ("train.py: error: fit: batch_size (512) must be <= the number of training examples "
             f"({N_TRAIN}) of mnist") in capsys.readouterr().err
+
+
+
+# ------------------------------------------------------------------------------------------
+# --out belongs to one run; kills, SIGTERM and Ctrl-C leave it consistent and say so.
+
+SMALL = ["--n-train", "64", "--n-test", "20", "--batch-size", "32", "--impl", "lax"]
+RUN = [*SMALL, "--epochs", "3"]     # the runs the killed children train: 2 steps per epoch
+
+# A child that trains RUN and kills itself (SIGKILL, as kill -9 does) at one moment:
+# "writing": halfway through writing epoch 2's checkpoint; "written": right after epoch 2's
+# checkpoint, before its line of metrics.jsonl.
+KILLED_CHILD = r"""
+import os, signal, sys
+from jaxcnn import _io, training
+moment, out = sys.argv[1:]
+real_write, real_append, checkpoints = _io.atomic_write, _io.append_line, []
+
+def kill():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def atomic_write(path, write, **kwargs):
+    if path.name == "checkpoint.npz":
+        checkpoints.append(path)
+        if moment == "writing" and len(checkpoints) == 2:
+            def half(f):
+                f.write(b"PK\x03\x04" + bytes(4096))
+                f.flush()
+                os.fsync(f.fileno())
+                kill()
+            return real_write(path, half, **kwargs)
+    return real_write(path, write, **kwargs)
+
+def append_line(path, line):
+    if moment == "written" and '"epoch": 2,' in line:
+        kill()
+    return real_append(path, line)
+
+_io.atomic_write, _io.append_line = atomic_write, append_line
+training.fit(training.TrainConfig(n_train=64, n_test=20, batch_size=32, impl="lax", epochs=3,
+                                  out=out))
+"""
+# A child that holds --out (the lock of a run) until it is killed.
+HOLDER_CHILD = r"""
+import sys, time
+from jaxcnn import _rundir
+with _rundir.claim("fit", sys.argv[1], resume=False, overwrite=False):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def wait_for(condition, what, timeout=300):
+    for _ in range(timeout * 20):
+        if condition():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def processes(tmp_path_factory):
+    """Four real processes at once: two kill themselves at chosen moments, one holds an --out,
+    one `python train.py` gets SIGTERM after its first epoch."""
+    tmp = tmp_path_factory.mktemp("processes")
+    env = {**os.environ, "JAXCNN_MIRRORS": closed_port_url(), "XDG_CACHE_HOME": str(tmp)}
+    spawn = dict(cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = {
+        "writing": subprocess.Popen([sys.executable, "-c", KILLED_CHILD, "writing",
+                                     str(tmp / "writing")], **spawn),
+        "written": subprocess.Popen([sys.executable, "-c", KILLED_CHILD, "written",
+                                     str(tmp / "written")], **spawn),
+        "holder": subprocess.Popen([sys.executable, "-c", HOLDER_CHILD, str(tmp / "held")],
+                                   **spawn),
+        "terminated": subprocess.Popen([sys.executable, "train.py", *SMALL, "--epochs", "1000",
+                                        "--out", str(tmp / "terminated")], **spawn),
+    }
+    try:
+        metrics = tmp / "terminated" / "metrics.jsonl"
+        wait_for(lambda: metrics.exists() and metrics.read_text().strip(), "the first epoch")
+        procs["terminated"].send_signal(signal.SIGTERM)
+        results = {name: procs[name].communicate(timeout=300)
+                   for name in ("writing", "written", "terminated")}
+        assert procs["holder"].stdout.readline() == "holding\n"
+        yield {"dir": tmp, "procs": procs, "results": results}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def saved(out):
+    """The checkpoint's epoch and history, read without a template."""
+    with np.load(out / "checkpoint.npz") as f:
+        meta = json.loads(str(f["__meta__"]))
+    return meta["epoch"], meta["history"]
+
+
+def test_a_second_run_is_refused_while_another_holds_out(processes, capsys):
+    out, holder = processes["dir"] / "held", processes["procs"]["holder"]
+    assert cli.main([*SMALL, "--epochs", "1", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert re.search(rf"^train\.py: error: fit: {re.escape(str(out))} is in use by another run "
+                     rf"\(pid {holder.pid} on \S+, since [\d:\- ]+\); two runs cannot share an "
+                     rf"output directory: wait for that run to end, or choose another --out$",
+                     err, re.M), err
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]      # the refused run wrote nothing
+    holder.kill()                                                 # kill -9 releases the lock
+    holder.wait()
+    with _rundir.claim("fit", out, resume=False, overwrite=False):
+        assert f"pid {os.getpid()} " in (out / ".lock").read_text()
+
+
+def test_kill_9_while_writing_a_checkpoint_then_the_next_run_cleans_up(processes, capsys):
+    out = processes["dir"] / "writing"
+    assert processes["procs"]["writing"].returncode == -signal.SIGKILL
+    # On disk: epoch 1's checkpoint and metrics, and the half-written temporary file.
+    epoch, history = saved(out)
+    assert epoch == 1 and records(out) == history
+    assert len(_io.leftover_temporaries(out, "checkpoint.npz")) == 1
+    assert not (out / "summary.json").exists()
+    # A new run is refused (the killed run's files are there), but removes the temporary file.
+    assert cli.main([*RUN, "--out", str(out)]) == 1
+    assert "holds another run's files (checkpoint.npz, metrics.jsonl)" in capsys.readouterr().err
+    assert not _io.leftover_temporaries(out, "checkpoint.npz")
+    # --resume finishes the run: every file agrees with the checkpoint.
+    assert cli.main([*RUN, "--out", str(out), "--resume"]) == 0
+    epoch, history = saved(out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert epoch == 3 and records(out) == history and summary["final"] == history[-1]
+
+
+def test_kill_9_between_checkpoint_and_metrics_leaves_them_consistent(processes):
+    out = processes["dir"] / "written"
+    assert processes["procs"]["written"].returncode == -signal.SIGKILL
+    epoch, history = saved(out)
+    assert epoch == 2 and records(out) == history[:1]   # metrics lists no epoch beyond it
+    assert not (out / "summary.json").exists()
+    assert cli.main([*RUN, "--out", str(out), "--resume"]) == 0
+    epoch, history = saved(out)
+    assert epoch == 3 and records(out) == history and [r["epoch"] for r in history] == [1, 2, 3]
+
+
+def test_sigterm_to_a_single_process_says_what_is_kept_and_exits_143(processes):
+    out = processes["dir"] / "terminated"
+    proc, (stdout, stderr) = processes["procs"]["terminated"], processes["results"]["terminated"]
+    assert proc.returncode == 143, stderr
+    checkpoint = re.escape(str(out / "checkpoint.npz"))
+    found = re.search(rf"^train\.py: fit: terminated \(SIGTERM\) (in|after) epoch (\d+) of 1000; "
+                      rf"the last checkpoint, {checkpoint} \(epoch (\d+)\), is left as it was: "
+                      rf"continue with the same options and --resume( \(the steps since that "
+                      rf"epoch are redone\))?$", stderr, re.M)
+    assert found and "Traceback" not in stderr, stderr
+    when, stopped, kept = found.group(1), int(found.group(2)), int(found.group(3))
+    epoch, history = saved(out)
+    assert kept == epoch >= 1 and records(out) == history
+    assert (stopped, bool(found.group(4))) == ((kept + 1, True) if when == "in" else (kept, False))
+
+
+def test_ctrl_c_through_the_command_line(tmp_path, monkeypatch, capsys):
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(training, "_load", ctrl_c)           # while the data loads
+    assert cli.main([*SMALL, "--out", str(out)]) == 130
+    assert capsys.readouterr().err == ("\ntrain.py: fit: interrupted (Ctrl-C) before anything "
+                                       "was written\n")
+    assert not out.exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(training, "train_step", ctrl_c)      # in the first epoch
+    assert cli.main([*SMALL, "--out", str(out)]) == 130
+    assert capsys.readouterr().err == (
+        "\ntrain.py: fit: interrupted (Ctrl-C) in epoch 1 of 3, before any epoch finished: no "
+        "checkpoint was written, so there is nothing to resume; start the run again\n")
+    assert not (out / "checkpoint.npz").exists()
+
+
+def test_out_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "run").write_text("my notes")
+    assert cli.main([*SMALL, "--out", str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err == (
+        f"train.py: error: fit: the output directory {tmp_path / 'run'} is an existing file, not "
+        f"a directory; choose another --out (a directory, created if missing)\n")
+    assert (tmp_path / "run").read_text() == "my notes"

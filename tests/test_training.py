@@ -7,11 +7,16 @@ and the manual path is pinned step by step against lax in
 ``test_lax_and_manual_give_the_same_first_50_losses``.
 """
 
+import contextlib
 import dataclasses
+import errno
 import importlib.util
 import io
 import json
 import re
+import resource
+import shutil
+import signal
 import sys
 import types
 
@@ -20,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcnn import data, models, training
+from jaxcnn import _io, _report, data, models, training
 from jaxcnn.check import BFLOAT16_TOLERANCES
-from jaxcnn.training import TrainConfig
+from jaxcnn.checkpoint import load_checkpoint, save_checkpoint
+from jaxcnn.training import TrainConfig, TrainState
 
 BATCH, LR, N_TEST, IMPL = 32, 2e-3, 100, "lax"
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None  # the "plot" extra
@@ -85,6 +91,12 @@ def tree_equal(a, b):
     (dict(devices=0), ValueError, r"TrainConfig: devices must be >= 1; got 0"),
     (dict(devices=1.0), TypeError, r"TrainConfig: devices must be an int; got float 1.0"),
     (dict(dtype="float16"), ValueError, r"TrainConfig: dtype must be one of \('float32', 'bfloat16'\); got 'float16'"),
+    (dict(lr=1e39), ValueError, r"TrainConfig: lr must lie in 1\.4\d*e-45\.\.3\.40282\d*e\+38, the positive range of float32 \(the dtype of the update\); got 1e\+39"),
+    (dict(lr=1e-50), ValueError, r"TrainConfig: lr must lie in .*float32.*; got 1e-50"),
+    (dict(lr=float("inf")), ValueError, r"TrainConfig: lr must be a finite number > 0; got inf"),
+    (dict(resume=True, overwrite=True), ValueError, r"TrainConfig: resume and overwrite exclude each other; got both True"),
+    (dict(eval_only=True, overwrite=True), ValueError, r"TrainConfig: eval_only and overwrite exclude each other"),
+    (dict(overwrite="yes"), TypeError, r"TrainConfig: overwrite must be a bool; got 'yes'"),
 ])
 def test_bad_config(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -109,7 +121,7 @@ def test_make_optimizer_choices_and_rules():
     with pytest.raises(ValueError, match=r"make_optimizer: name must be one of \('adam', 'sgd', "
                                          r"'momentum'\); got 'adagrad'"):
         training.make_optimizer("adagrad", 0.1)
-    with pytest.raises(ValueError, match=r"make_optimizer: lr must be a number > 0; got -1"):
+    with pytest.raises(ValueError, match=r"make_optimizer: lr must be a finite number > 0; got -1"):
         training.make_optimizer("sgd", -1)
     params = {"w": jnp.zeros(3)}
     g = {"w": jnp.array([1.0, -2.0, 0.5])}
@@ -128,7 +140,21 @@ def test_make_optimizer_choices_and_rules():
     np.testing.assert_allclose(u2, -0.1 * 1.9 * gw, rtol=1e-6)
     u1, u2 = two_updates("adam")                      # first Adam step: -lr sign(g)
     np.testing.assert_allclose(u1, -0.1 * np.sign(gw), rtol=1e-4)
-    assert training.make_optimizer("adam", 0.1) is training.make_optimizer("adam", 0.1)
+    # Plain data: equal settings give equal optimizers, so the jitted step (which takes the
+    # optimizer as a static argument) compiles once per setting.
+    assert training.make_optimizer("adam", 0.1) == training.make_optimizer("adam", 0.1)
+    adam8 = training.make_optimizer("adam", 0.1, 8)
+    assert hash(adam8) == hash(training.make_optimizer("adam", 0.1, 8))
+    assert adam8 != training.make_optimizer("adam", 0.1, 9)
+
+
+def test_runs_with_equal_settings_reuse_the_compiled_step(tmp_path, tiny):
+    """No cache of models or optimizers: fit passes both as plain values, which jit compares by
+    value, so a second run with the same settings compiles nothing."""
+    training.fit(config(tmp_path, "first"), dataset=tiny)
+    before = training.train_step._cache_size(), training._eval_step._cache_size()
+    training.fit(config(tmp_path, "second"), dataset=tiny)
+    assert (training.train_step._cache_size(), training._eval_step._cache_size()) == before
 
 
 # ------------------------------------------------------------------------------------------
@@ -250,10 +276,11 @@ def test_short_run_learns_and_leaves_its_files(tmp_path, small, capsys):
         if HAVE_MATPLOTLIB:
             assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         else:
-            assert not (run / png).exists() and training.PLOTS_SKIPPED in out.out
-    params, opt_state, meta = training.load_checkpoint(run / "checkpoint.npz",
-                                                       result.params, result.opt_state)
-    assert tree_equal(params, result.params) and tree_equal(opt_state, result.opt_state)
+            assert not (run / png).exists() and _report.PLOTS_SKIPPED in out.out
+    state, meta = load_checkpoint(run / "checkpoint.npz", result.state)
+    assert tree_equal(state.params, result.params) and tree_equal(state.opt_state, result.opt_state)
+    assert (state.step, state.epoch) == (100, 2)
+    assert summary["final"] == meta["history"][-1] and summary["steps"] == state.step
     assert (meta["epoch"], meta["step"], meta["config"]) == (2, 100, cfg.to_json())
     assert meta["rng"]["seed"] == 0
     assert not list(run.glob(".*.tmp"))                          # no temporary files left
@@ -273,11 +300,17 @@ def test_resume_after_an_interrupted_run_equals_the_uninterrupted_run(
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(training, "train_step", killed_at_12)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stopped:
         training.fit(config(tmp_path, "resumed", epochs=2), dataset=tiny)
     monkeypatch.setattr(training, "train_step", real_step)
     metrics = tmp_path / "resumed" / "metrics.jsonl"
     assert len(metrics.read_text().splitlines()) == 1
+    assert isinstance(stopped.value, training.Interrupted) and stopped.value.exit_code == 130
+    assert str(stopped.value) == (
+        f"fit: interrupted (Ctrl-C) in epoch 2 of 2; the last checkpoint, "
+        f"{tmp_path / 'resumed' / 'checkpoint.npz'} (epoch 1), is left as it was: continue with "
+        f"the same options and --resume (the steps since that epoch are redone)")
+    assert not (tmp_path / "resumed" / "summary.json").exists()
 
     # ... and resumed from its epoch-1 checkpoint: bitwise the uninterrupted parameters.
     resumed = training.fit(config(tmp_path, "resumed", epochs=2, resume=True), dataset=tiny)
@@ -299,9 +332,9 @@ def test_resume_continues_a_finished_run_for_more_epochs(tmp_path, tiny, capsys)
     assert [r["epoch"] for r in more.history] == [1, 2]
     # A checkpoint written before a setting existed: that setting had its default.
     checkpoint = tmp_path / "run" / training.CHECKPOINT
-    params, opt_state, meta = training.load_checkpoint(checkpoint, more.params, more.opt_state)
+    state, meta = load_checkpoint(checkpoint, more.state)
     del meta["config"]["dtype"], meta["config"]["devices"]
-    training.save_checkpoint(checkpoint, params, opt_state, meta)
+    save_checkpoint(checkpoint, state, meta)
     training.fit(config(tmp_path, epochs=3, resume=True, seed=5, dtype="bfloat16"), dataset=tiny)
     out = capsys.readouterr().out
     assert ("note: resuming with settings that differ from the checkpoint's: dtype 'float32' "
@@ -337,43 +370,7 @@ def test_progress_bar_on_a_terminal(tmp_path, tiny, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------
-# Checkpoints: atomic, and refused when they do not match the model.
-
-
-def test_checkpoint_write_is_atomic(tmp_path, lenet, monkeypatch):
-    _, params = lenet
-    opt_state = training.make_optimizer("adam", LR).init(params)
-    path = tmp_path / "checkpoint.npz"
-    training.save_checkpoint(path, params, opt_state, {"epoch": 1, "step": 8})
-    good = path.read_bytes()
-
-    def dies_halfway(file, **arrays):                  # a kill in the middle of the write
-        file.write(b"PK\x03\x04 half a zip file")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(np, "savez", dies_halfway)
-    bigger = jax.tree_util.tree_map(lambda a: a + 1, params)
-    with pytest.raises(KeyboardInterrupt):
-        training.save_checkpoint(path, bigger, opt_state, {"epoch": 2, "step": 16})
-    assert path.read_bytes() == good                   # the old checkpoint, untouched
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz"]
-    restored, _, meta = training.load_checkpoint(path, params, opt_state)
-    assert meta["epoch"] == 1 and tree_equal(restored, params)
-
-
-def test_checkpoint_that_does_not_match_the_model(tmp_path, lenet):
-    _, params = lenet
-    opt_state = training.make_optimizer("adam", LR).init(params)
-    path = tmp_path / "checkpoint.npz"
-    training.save_checkpoint(path, params, opt_state, {"epoch": 1, "step": 8})
-    _, other = models.small_cnn().init(jax.random.key(0), (-1, 28, 28, 1))
-    # The first mismatch in tree order (dict keys sorted: "bias" before "kernel").
-    with pytest.raises(ValueError, match=r"does not match the model: \['params'\]\[0\]\['bias'\] "
-                                         r"has shape \(6,\) in the checkpoint but \(32,\) in "
-                                         r"the model"):
-        training.load_checkpoint(path, other, training.make_optimizer("adam", LR).init(other))
-    with pytest.raises(ValueError, match=r"it has no entry \['opt_state'\]\[0\]\.trace"):
-        training.load_checkpoint(path, params, training.make_optimizer("momentum", LR).init(params))
+# Checkpoints of fit (the format itself: tests/test_checkpoint.py).
 
 
 def test_resume_with_another_model_names_the_parameter(tmp_path, tiny):
@@ -381,18 +378,6 @@ def test_resume_with_another_model_names_the_parameter(tmp_path, tiny):
     with pytest.raises(ValueError, match=r"\['params'\]\[0\]\['bias'\] has shape \(6,\) "
                                          r"in the checkpoint but \(32,\) in the model"):
         training.fit(config(tmp_path, model="small_cnn", epochs=2, resume=True), dataset=tiny)
-
-
-def test_unreadable_checkpoints(tmp_path, lenet):
-    _, params = lenet
-    opt_state = training.make_optimizer("adam", LR).init(params)
-    path = tmp_path / "checkpoint.npz"
-    path.write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(ValueError, match=r"is not a readable checkpoint"):
-        training.load_checkpoint(path, params, opt_state)
-    np.savez(path, w=np.zeros(3))
-    with pytest.raises(ValueError, match=r"is not a jaxcnn checkpoint: expected format"):
-        training.load_checkpoint(path, params, opt_state)
 
 
 # ------------------------------------------------------------------------------------------
@@ -433,9 +418,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny
             rf"training stopped and the last good checkpoint, .*checkpoint.npz \(epoch 1\), is "
             rf"left as it was")):
         training.fit(config(tmp_path, epochs=2, resume=True), dataset=poisoned)
-    params, opt_state, meta = training.load_checkpoint(
-        tmp_path / "run" / "checkpoint.npz", first.params, first.opt_state)
-    assert meta["epoch"] == 1 and tree_equal(params, first.params)
+    state, meta = load_checkpoint(tmp_path / "run" / "checkpoint.npz", first.state)
+    assert meta["epoch"] == 1 and tree_equal(state.params, first.params)
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
@@ -461,7 +445,7 @@ HISTORY = [{"epoch": e, "train_loss": 1.0 / e, "test_loss": 1.2 / e, "test_accur
 def test_plots(tmp_path, lenet):
     pytest.importorskip("matplotlib")
     _, params = lenet
-    paths = training.save_plots(tmp_path, HISTORY, params)
+    paths = _report.save_plots(tmp_path, HISTORY, params)
     assert [p.name for p in paths] == ["curves.png", "filters.png"]
     for p in paths:
         assert p.read_bytes()[:4] == b"\x89PNG"
@@ -470,9 +454,10 @@ def test_plots(tmp_path, lenet):
 def test_plots_skipped_without_matplotlib(tmp_path, lenet, monkeypatch, capsys):
     _, params = lenet
     monkeypatch.setitem(sys.modules, "matplotlib", None)   # `import matplotlib` now fails
-    assert training.save_plots(tmp_path, HISTORY, params) == []
+    assert _report.save_plots(tmp_path, HISTORY, params) == []
     assert capsys.readouterr().out.strip() == (
-        "plots skipped: matplotlib not installed (pip install jaxcnn[plot])")
+        'plots skipped: matplotlib not installed (pip install -e ".[plot]" in the jaxcnn '
+        'checkout, as in the README)')
     assert list(tmp_path.iterdir()) == []
 
 
@@ -543,3 +528,329 @@ def test_a_bfloat16_run_trains_with_float32_master_params(tmp_path, small, impl,
     assert result.history[-1]["test_accuracy"] >= 0.5                # chance is 10%
     for leaf in jax.tree_util.tree_leaves((result.params, result.opt_state)):
         assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype   # master copies stay float32
+
+
+# ------------------------------------------------------------------------------------------
+# The output directory belongs to one run; resuming keeps the run's schedule.
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny):
+    """A finished 1-epoch run of `tiny` (8 steps), trained once; tests change copies of it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    result = training.fit(TrainConfig(batch_size=BATCH, lr=LR, epochs=1, n_test=N_TEST, impl=IMPL,
+                                      out=str(out)), dataset=tiny)
+    return out, result
+
+
+def copy_of(finished, tmp_path, name="run"):
+    shutil.copytree(finished[0], tmp_path / name)
+    return tmp_path / name
+
+
+def snapshot(out):
+    """Every file of the run in `out` with its bytes (the lock file names its last holder)."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != ".lock"}
+
+
+def test_a_new_run_refuses_an_out_that_holds_another_run(tmp_path, tiny, finished):
+    out = copy_of(finished, tmp_path)
+    before = snapshot(out)
+    with pytest.raises(FileExistsError, match=(
+            rf"^fit: {re.escape(str(out))} holds another run's files \(checkpoint.npz, "
+            rf"metrics.jsonl, summary.json[^)]*\); continue that run with --resume, replace it "
+            rf"with --overwrite, or choose another --out$")):
+        training.fit(config(tmp_path, epochs=2), dataset=tiny)
+    assert snapshot(out) == before                   # nothing truncated, nothing removed
+
+
+def test_overwrite_replaces_the_run(tmp_path, tiny, finished):
+    out = copy_of(finished, tmp_path)
+    result = training.fit(config(tmp_path, overwrite=True, seed=1), dataset=tiny)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    state, meta = load_checkpoint(out / "checkpoint.npz", result.state)
+    summary = json.loads((out / "summary.json").read_text())
+    assert records == result.history == meta["history"] and len(records) == 1
+    assert meta["config"]["seed"] == summary["config"]["seed"] == 1
+    assert summary["final"] == records[-1] and tree_equal(state.params, result.params)
+    assert not tree_equal(state.params, finished[1].params)
+
+
+def test_an_out_that_is_a_file_is_refused(tmp_path, tiny):
+    (tmp_path / "run").write_text("my notes")
+    with pytest.raises(FileExistsError, match=r"^fit: the output directory .*run is an existing "
+                                              r"file, not a directory; choose another --out"):
+        training.fit(config(tmp_path), dataset=tiny)
+    assert (tmp_path / "run").read_text() == "my notes"
+    with pytest.raises(OSError, match=r"^fit: cannot create the output directory .*run/sub: "
+                                      r"\[Errno 20\] Not a directory"):
+        training.fit(config(tmp_path, "run/sub"), dataset=tiny)
+
+
+def test_a_finished_run_resumed_says_so_and_cleans_up_after_killed_writes(
+        tmp_path, tiny, finished, capsys):
+    out = copy_of(finished, tmp_path)
+    before = snapshot(out)
+    stale = [out / ".checkpoint.npz.k1ll3d.tmp", out / ".metrics.jsonl.x7.tmp",
+             out / ".summary.json.y8.tmp"]
+    for path in stale:                                # what kill -9 during a write leaves
+        path.write_bytes(b"PK\x03\x04 half")
+    (out / ".notes.tmp").write_text("not ours")
+    result = training.fit(config(tmp_path, resume=True), dataset=tiny)
+    printed = capsys.readouterr().out
+    assert (f"the run in {out} is finished: it has trained all 1 epoch (step 8); nothing to "
+            f"train. To train longer, resume it with a larger --epochs\n") in printed
+    assert not any(p.exists() for p in stale) and (out / ".notes.tmp").exists()
+    assert snapshot(out) == {**before, ".notes.tmp": b"not ours"} and result.epoch == 1
+
+    # Killed after its last checkpoint, before the summary: resuming writes what is missing.
+    (out / "summary.json").unlink()
+    (out / "metrics.jsonl").write_text("")
+    training.fit(config(tmp_path, resume=True), dataset=tiny)
+    assert "its metrics.jsonl and summary.json are written now" in capsys.readouterr().out
+    state, meta = load_checkpoint(out / "checkpoint.npz", result.state)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"] == meta["history"][-1] and summary["steps"] == state.step == 8
+    assert [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()] == \
+        meta["history"]
+
+
+def unfinished(out, result, *, epochs):
+    """Make the finished 1-epoch run in `out` the checkpoint after epoch 1 of an `epochs` run."""
+    state, meta = load_checkpoint(out / "checkpoint.npz", result.state)
+    meta["config"]["epochs"] = epochs
+    save_checkpoint(out / "checkpoint.npz", state, meta)
+    (out / "summary.json").unlink()
+
+
+def spy_on_optimizers(monkeypatch):
+    """The optimizers fit passes to train_step."""
+    real, seen = training.train_step, set()
+
+    def spy(*args, optimizer, **kwargs):
+        seen.add(optimizer)
+        return real(*args, optimizer=optimizer, **kwargs)
+
+    monkeypatch.setattr(training, "train_step", spy)
+    return seen
+
+
+def test_resume_keeps_the_schedule_of_the_run(tmp_path, tiny, finished, monkeypatch):
+    """--epochs is read once, into the cosine of the run; a resumed unfinished run keeps it."""
+    out = copy_of(finished, tmp_path)
+    unfinished(out, finished[1], epochs=2)
+    before = snapshot(out)
+    for epochs in (1, 3):
+        with pytest.raises(ValueError, match=(
+                rf"^fit: the run in {re.escape(str(out))} was started for 2 epochs and stopped "
+                rf"after epoch 1; resuming it with --epochs {epochs} would change its cosine "
+                rf"learning-rate schedule, which spans all 2 epochs, so the result would match no "
+                rf"uninterrupted run. Resume it with --epochs 2; to train longer on purpose, let "
+                rf"it finish, then resume the finished run with a larger --epochs$")):
+            training.fit(config(tmp_path, epochs=epochs, resume=True), dataset=tiny)
+    assert snapshot(out) == before
+    seen = spy_on_optimizers(monkeypatch)
+    result = training.fit(config(tmp_path, epochs=2, resume=True), dataset=tiny)
+    assert seen == {training.make_optimizer("adam", LR, decay_steps=2 * 8)} and result.step == 16
+    # Past the end: a finished 2-epoch run resumed with --epochs 1.
+    with pytest.raises(ValueError, match=(r"^fit: the checkpoint .*checkpoint.npz is at epoch 2, "
+                                          r"past --epochs 1; resume it with --epochs 2 \(its "
+                                          r"own\), or evaluate it with --eval-only$")):
+        training.fit(config(tmp_path, epochs=1, resume=True), dataset=tiny)
+
+
+def test_extending_a_finished_run_says_how_the_schedule_goes_on(
+        tmp_path, tiny, finished, monkeypatch, capsys):
+    out = copy_of(finished, tmp_path)
+    seen = spy_on_optimizers(monkeypatch)
+    result = training.fit(config(tmp_path, epochs=2, resume=True), dataset=tiny)
+    assert ("note: extending the finished 1-epoch run to 2 epochs: its cosine learning-rate "
+            "schedule now spans 2 epochs and continues at step 8 with lr 0.001, so the result "
+            "differs from an uninterrupted 2-epoch run\n") in capsys.readouterr().out
+    assert seen == {training.make_optimizer("adam", LR, decay_steps=2 * 8)}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"] == result.history[-1] and summary["steps"] == result.step == 16
+
+
+def test_the_schedule_spans_the_configured_epochs(tmp_path, tiny):
+    run = training._prepare("fit", config(tmp_path, epochs=3), tiny)
+    assert run.optimizer == training.make_optimizer("adam", LR, decay_steps=3 * 8)
+    assert run.optimizer.learning_rate(12) == pytest.approx(LR / 2)
+
+
+def test_eval_with_another_seed_notes_that_the_synthetic_test_set_differs(tiny, finished, capsys):
+    training.fit(TrainConfig(batch_size=BATCH, n_test=N_TEST, impl=IMPL, out=str(finished[0]),
+                             eval_only=True, seed=3), dataset=tiny)
+    assert ("note: the synthetic test set depends on the seed: this is the test set of seed 3, "
+            "but the checkpoint was trained and measured with seed 0; add --seed 0 to evaluate "
+            "it on the same test set\n") in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------
+# Non-finite values never become the last good checkpoint.
+
+
+def test_nan_produced_on_the_last_step_of_an_epoch_is_never_checkpointed(tmp_path, tiny, lenet):
+    """A huge but finite image in the last batch of epoch 2: that step's loss (before the
+    update) is finite, the update is not usable (the test loss is NaN), and epoch 2 is never
+    written, so "the last good checkpoint" is epoch 1's."""
+    real_step, calls = training.train_step, []
+
+    def stops_in_epoch_2(*args, **kwargs):          # epoch 1 of 2 is saved (one compilation)
+        calls.append(1)
+        if len(calls) == 9:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(training, "train_step", stops_in_epoch_2)
+        training.fit(config(tmp_path, epochs=2, optimizer="sgd"), dataset=tiny)
+    params = lenet[1]
+    like = TrainState(params, {}, training.make_optimizer("sgd", LR, 16).init(params))
+    first, _ = load_checkpoint(tmp_path / "run" / "checkpoint.npz", like)
+    x = tiny.train_x.copy()
+    last = np.random.default_rng([0, 1]).permutation(256)[255]   # in epoch 2's last batch
+    assert _step_of(int(last), epoch=1) == 16
+    x[last] = 1e18
+    with pytest.raises(FloatingPointError, match=(
+            r"^fit: after epoch 2 \(step 16\) the test loss is nan although the parameters are "
+            r"finite \(the largest \|parameter\| is \d.*\): either the last updates made them "
+            r"too large or the test data hold NaN or infinite values. Training stopped and the "
+            r"last good checkpoint, .*checkpoint.npz \(epoch 1\), is left as it was")):
+        training.fit(config(tmp_path, epochs=2, optimizer="sgd", resume=True),
+                     dataset=subset(tiny, 256, train_x=x))
+    state, meta = load_checkpoint(tmp_path / "run" / "checkpoint.npz", first)
+    assert meta["epoch"] == 1 and tree_equal(state.params, first.params)
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_non_finite_parameters_after_the_last_step_are_named(tmp_path, tiny, monkeypatch):
+    real, calls = training.train_step, []
+
+    def blows_up_at_8(params, opt_state, batch, **kwargs):
+        params, opt_state, loss = real(params, opt_state, batch, **kwargs)
+        calls.append(1)
+        if len(calls) == 8:                            # the last step of epoch 1
+            params = [*params[:-1], {**params[-1], "b": params[-1]["b"] * jnp.nan}]
+        return params, opt_state, loss
+
+    monkeypatch.setattr(training, "train_step", blows_up_at_8)
+    with pytest.raises(FloatingPointError, match=(
+            r"^fit: after epoch 1 \(step 8\) \['params'\]\[11\]\['b'\] holds NaN or infinite "
+            r"values, although every training loss of the epoch was finite: an update at the end "
+            r"of the epoch blew up. Training stopped and no checkpoint had been written yet. "
+            r"Lower the learning rate \(lr=0.002\)$")):
+        training.fit(config(tmp_path), dataset=tiny)
+    assert not (tmp_path / "run" / "checkpoint.npz").exists()
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == ""
+
+
+def test_a_checkpoint_with_non_finite_params_is_neither_resumed_nor_evaluated(
+        tmp_path, tiny, finished):
+    out = copy_of(finished, tmp_path)
+    with np.load(out / "checkpoint.npz") as f:
+        entries = {name: f[name] for name in f.files}
+    entries["['params'][3]['kernel']"][0, 0, 0, 0] = np.nan
+    np.savez(out / "checkpoint.npz", **entries)
+    for mode in ("resume", "eval_only"):
+        with pytest.raises(ValueError, match=r"load_checkpoint: .*checkpoint.npz holds non-finite "
+                                             r"values: \['params'\]\[3\]\['kernel'\] has NaN"):
+            training.fit(config(tmp_path, epochs=2, **{mode: True}), dataset=tiny)
+
+
+# ------------------------------------------------------------------------------------------
+# Write failures and interrupts say what is on disk.
+
+
+@contextlib.contextmanager
+def file_size_limit(limit):
+    """Writes past `limit` bytes fail with EFBIG, even for root (for whom a read-only directory
+    is no obstacle): the kernel's RLIMIT_FSIZE, with SIGXFSZ ignored."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_write_failure_names_the_file_the_epoch_and_the_kept_checkpoint(
+        tmp_path, tiny, finished):
+    out = copy_of(finished, tmp_path)
+    path = out / "checkpoint.npz"
+    good = path.read_bytes()                           # about 740 kB: past the limit
+    with file_size_limit(64 * 1024), pytest.raises(OSError, match=(
+            rf"^fit: could not write {re.escape(str(path))} after epoch 2: \[Errno 27\] File too "
+            rf"large; training stopped and the last good checkpoint, {re.escape(str(path))} "
+            rf"\(epoch 1\), is left as it was$")):
+        training.fit(config(tmp_path, epochs=2, resume=True), dataset=tiny)
+    assert path.read_bytes() == good and not _io.leftover_temporaries(out, "checkpoint.npz")
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_failed_metrics_line_says_the_checkpoint_is_complete(tmp_path, tiny, monkeypatch):
+    def disk_full(path, line):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_io, "append_line", disk_full)
+    with pytest.raises(OSError, match=(
+            r"^fit: could not write .*metrics.jsonl after epoch 1: \[Errno 28\] No space left on "
+            r"device; training stopped and the checkpoint, .*checkpoint.npz \(epoch 1\), is "
+            r"complete; --resume rewrites metrics.jsonl from it$")):
+        training.fit(config(tmp_path, epochs=2), dataset=tiny)
+    monkeypatch.undo()
+    result = training.fit(config(tmp_path, epochs=2, resume=True), dataset=tiny)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == result.history and len(lines) == 2
+
+
+def test_a_failed_append_leaves_no_half_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("x" * 90 + "\n")
+    with file_size_limit(100), pytest.raises(OSError, match=r"\[Errno 27\] File too large"):
+        _io.append_line(path, "y" * 50)
+    assert path.read_text() == "x" * 90 + "\n"
+
+
+@pytest.mark.parametrize("signal_error, words, code", [
+    (KeyboardInterrupt, "interrupted (Ctrl-C)", 130),
+    (training.Terminated, "terminated (SIGTERM)", 143),
+])
+def test_an_interrupt_before_the_first_checkpoint_says_nothing_was_saved(
+        tmp_path, tiny, monkeypatch, signal_error, words, code):
+    def stopped(*args, **kwargs):
+        raise signal_error()
+
+    monkeypatch.setattr(training, "train_step", stopped)
+    with pytest.raises(training.Interrupted) as err:
+        training.fit(config(tmp_path, epochs=2), dataset=tiny)
+    assert err.value.exit_code == code
+    assert str(err.value) == (f"fit: {words} in epoch 1 of 2, before any epoch finished: no "
+                              f"checkpoint was written, so there is nothing to resume; start "
+                              f"the run again")
+    assert not (tmp_path / "run" / "checkpoint.npz").exists()
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*; there is nothing to "
+                                                r"resume: start the run without --resume"):
+        training.fit(config(tmp_path, epochs=2, resume=True), dataset=tiny)
+    monkeypatch.undo()
+    assert training.fit(config(tmp_path, epochs=1), dataset=tiny).epoch == 1   # "start again"
+
+
+def test_signals_are_held_back_while_an_epoch_is_written(monkeypatch):
+    """Ctrl-C inside the block arrives when it ends; a signal without a Python handler (here
+    SIGTERM's default; in a multi-process run JAX's own C++ handler) is left alone."""
+    real_getsignal, real_signal, touched = signal.getsignal, signal.signal, []
+    monkeypatch.setattr(signal, "getsignal", lambda s: (
+        signal.SIG_DFL if s == signal.SIGTERM else real_getsignal(s)))
+    monkeypatch.setattr(signal, "signal", lambda s, h: touched.append(s) or real_signal(s, h))
+    written = []
+    with pytest.raises(KeyboardInterrupt):
+        with _io.signals_deferred():
+            signal.raise_signal(signal.SIGINT)
+            written.append("checkpoint")
+            written.append("metrics")
+    assert written == ["checkpoint", "metrics"]
+    assert touched == [signal.SIGINT, signal.SIGINT]         # held back, then put back
+    assert real_getsignal(signal.SIGINT) is signal.default_int_handler
