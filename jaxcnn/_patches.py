@@ -223,24 +223,22 @@ def _spanned(cfg: WindowConfig, g: _Geometry) -> int:
     return q
 
 
-def _gather_starts(cfg: WindowConfig, g: _Geometry, first: int, c_in: int) -> np.ndarray:
+def _gather_starts(cfg: WindowConfig, g: _Geometry, first: int, c_in: int):
     """Start indices ``(M, *taps of the enumerated dims, nd + 1)`` of :func:`_patch`'s gather
-    into the merged view: row ``b · rows + i`` (image ``b``, output ``i``), then per spatial
-    dim ``i * s`` (plus ``u * d`` for the block tap ``u`` of an enumerated dim ``q < first``);
-    the last spatial dim is counted in numbers, ``C_in`` per position."""
+    into the merged view: image ``b``, then per spatial dim ``i * s`` (plus ``u * d`` for the
+    block tap ``u`` of an enumerated dim ``q < first``); the last spatial dim is counted in
+    numbers, ``C_in`` per position. Built from iotas inside the program: as a constant table
+    (one row per output position) it made XLA:CPU's compilation 2-3x slower."""
     nd, (n, *rows) = cfg.ndim, g.tile_out
     enum = [g.block_window[q] for q in range(first)]
-    grids = np.meshgrid(np.arange(n), *(np.arange(r) for r in rows),
-                        *(np.arange(k) for k in enum), indexing="ij")
-    starts = [grids[0]]
+    shape = (n, *rows, *enum)
+    starts = [lax.broadcasted_iota(jnp.int32, shape, 0)]
     for q in range(nd):
-        index = grids[1 + q] * cfg.stride[q]
+        index = lax.broadcasted_iota(jnp.int32, shape, 1 + q) * cfg.stride[q]
         if q < first:
-            index = index + grids[1 + nd + q] * cfg.dilation[q]
-        starts.append(index)
-    starts = np.stack(starts, axis=-1).astype(np.int32)
-    starts[..., -1] *= c_in
-    return starts.reshape(-1, *enum, nd + 1)
+            index = index + lax.broadcasted_iota(jnp.int32, shape, 1 + nd + q) * cfg.dilation[q]
+        starts.append(index * (c_in if q == nd - 1 else 1))
+    return jnp.stack(starts, axis=-1).reshape(-1, *enum, nd + 1)
 
 
 def _patch(xp, t, j, cfg: WindowConfig, p: Plan, g: _Geometry):
@@ -262,7 +260,7 @@ def _patch(xp, t, j, cfg: WindowConfig, p: Plan, g: _Geometry):
     view = xp.reshape(n, *xp.shape[1:-2], xp.shape[-2] * c)
     shift = jnp.asarray([*_tile_start(t, cfg, p, rows_in_input=True)], jnp.int32) + \
         jnp.asarray([0, *_block_offset(j, cfg, p)], jnp.int32)
-    starts = _gather_starts(cfg, g, first, c) + shift * np.asarray([1] * nd + [c], np.int32)
+    starts = _gather_starts(cfg, g, first, c) + shift * jnp.asarray([1] * nd + [c], jnp.int32)
     spans = [(g.block_window[q] - 1) * cfg.dilation[q] + 1 if q >= first else 1
              for q in range(nd)]
     spans[-1] *= c

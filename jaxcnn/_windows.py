@@ -34,11 +34,18 @@ def accum_dtype(dtype):
 
 
 def layer_boundary(op, x, *rest):
-    """Run a manual op with its input and output materialized (and, through autodiff, its
-    incoming and outgoing cotangents): :func:`jaxcnn._xla_cpu.materialize`. XLA's CPU backend
-    otherwise fuses the explicit elementwise expressions of neighbouring manual layers into
-    each other and into their patches, recomputing them many times over."""
-    return _xla_cpu.materialize(op(_xla_cpu.materialize(x), *rest))
+    """``op(x, *rest)``, a manual layer run apart from its neighbours
+    (:func:`jaxcnn._xla_cpu.isolate`; the same for its backward, through autodiff). XLA's CPU
+    backend otherwise fuses the elementwise expressions of the layers before into this
+    layer's taps and patches, recomputing them for every tap."""
+    is_array = [hasattr(a, "shape") for a in rest]
+    arrays = [a for a, arr in zip(rest, is_array) if arr]
+
+    def run(x, *arrays):
+        it = iter(arrays)
+        return op(x, *(next(it) if arr else a for a, arr in zip(rest, is_array)))
+
+    return _xla_cpu.isolate(run, x, *arrays)
 
 
 def pad(x, pads: Pads, *, interior: Sequence[int] | None = None, value=0):

@@ -8,16 +8,16 @@ what they buy (``python benchmarks/ops.py`` with and without it).
 
 What they work around, measured on a 2-core x86-64 VM with jax/jaxlib 0.10.2:
 
-- :func:`materialize`. XLA:CPU fuses the elementwise producers of a layer's input into the
+- :func:`isolate`. XLA:CPU fuses the elementwise producers of a layer's input into the
   layer and recomputes them for every use: the gather that builds a convolution's patch
   recomputed the previous convolution, its bias, relu and max pool for each of its 25 taps
   (28 ms of a 40 ms LeNet-5 step). ``lax.optimization_barrier`` does not stop this here: the
   CPU pipeline removes barriers before it fuses (checked on the compiled HLO of jaxlib 0.10.2).
-  A ``lax.cond`` does: a fusion never spans a conditional, so the layer's input and output
-  pass through a conditional whose predicate (``v == v or v != v`` of one element: always
-  true, but not constant to the compiler) picks the identity branch. Its cost is evaluating
-  one element and the conditional's bookkeeping; autodiff turns it into a conditional on the
-  cotangents too. Should a later XLA fold the predicate, the barrier silently disappears and
+  A ``lax.cond`` does: a fusion never spans a conditional, so each manual layer runs as the
+  branch of a conditional whose predicate (``v == v or v != v`` of one element: always true,
+  but not constant to the compiler) picks the layer. Its cost is evaluating one element and
+  the conditional's bookkeeping; autodiff turns it into a conditional around the layer's
+  backward too. Should a later XLA fold the predicate, the barrier silently disappears and
   every result stays the same.
 - :func:`tile_bytes`: the size of one tile of the patch matrix in the tiled convolution
   (:mod:`jaxcnn._patches`). Building a whole layer's patch matrix at once runs out of cache
@@ -49,21 +49,28 @@ def active() -> bool:
     return ENABLED and jax.default_backend() == "cpu"
 
 
-def materialize(tree):
-    """``tree`` unchanged, but computed in full before any consumer runs: on CPU, XLA does not
-    fuse its producers into its consumers (see the module docstring); identity elsewhere."""
+def isolate(op, *args):
+    """``op(*args)``, computed apart from its neighbours: on CPU, XLA neither fuses the
+    producers of ``args`` into ``op`` nor ``op`` into its consumers (see the module
+    docstring); a plain call elsewhere.
+
+    ``op`` runs as the branch of a conditional whose predicate is always true but not
+    constant to the compiler; the other branch returns zeros of ``op``'s output shape and
+    never runs. Running the op inside the branch, rather than passing its input through an
+    identity branch, costs no copy (an identity branch copied its operand: a second pass over
+    a max pool's input).
+    """
     if not active():
-        return tree
-    leaves = jax.tree_util.tree_leaves(tree)
-    if not leaves:
-        return tree
-    probe = jnp.ravel(leaves[0])[:1]
-    if probe.size == 0:
-        return tree
+        return op(*args)
+    probe = next((jnp.ravel(a)[:1] for a in jax.tree_util.tree_leaves(args)
+                  if getattr(a, "size", 0)), None)
+    if probe is None:
+        return op(*args)
     probe = probe[0]
     always = (probe == probe) | (probe != probe)
-    return lax.cond(always, lambda t: t, lambda t: jax.tree_util.tree_map(jnp.zeros_like, t),
-                    tree)
+    zeros = lambda *a: jax.tree_util.tree_map(                       # noqa: E731
+        lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(op, *a))
+    return lax.cond(always, op, zeros, *args)
 
 
 def tile_bytes() -> int | None:
