@@ -42,13 +42,15 @@ from ._windows import accum_dtype, pad
 
 # The cost model's constants. They describe this kind of hardware, not any network: they were
 # read off the products themselves (benchmarks/ops.py and the measurements in the docstrings).
-BLOCK_WIDTH = 256
+BLOCK_WIDTH = 512
 """Target contraction width ``taps · C_in / G`` of one block's product. Window rows are kept
 whole (a row is one contiguous run of the input, gathered fast); rows are grouped into a block
-while the block stays within this width, so a block is one row when a row is already this
-wide (measured on XLA:CPU: one gather and one product per kernel row beat one wide product
-for 3x3 and 7x7 kernels with 16 and more channels, by 1.3-2x, while thin rows such as 5 taps
-of 6 channels are better grouped)."""
+while the block stays within this width. Wider blocks give the product a deeper contraction
+(it runs faster), narrower ones fewer positions' worth of accumulation traffic per block.
+Measured forward, manual / lax, with widths 256 / 512 / 1024 (benchmarks/ops.py shapes, one
+interleaved run): 7x7 16->32 s2 0.94 / 1.96 / 1.74, 3x3 32->64 1.14 / 1.32 / 1.29, 3x3
+32->32 at 28x28 2.87 / 1.78 / 1.72, 3x3 64->128 0.75 / 0.71 / 0.86, 5x5 32->32 1.22 / 1.99 /
+1.80: no width wins everywhere; 512 keeps every one of them within 2x."""
 ROW_WIDTH = 2048
 """A single window row wider than this (a long 1-D kernel) is cut into chunks of taps: wider
 contractions gain nothing and the patch tile would hold few output positions."""
@@ -393,19 +395,17 @@ def _forward_block(inp, kb, p: Plan, acc):
     return z
 
 
-def _kernel_grad_block(inp, dz, taps, p: Plan, acc):
-    """``P_blockᵀ · dZ_tile``: ``(taps, C_in/G, G, C_out/G)``."""
-    groups = dz.shape[1]
-    if p.product == "matmul":
-        m, c_in = inp.shape[0], inp.shape[1] // taps
-        if groups == 1:
-            return jnp.matmul(inp.T, dz[:, 0], preferred_element_type=acc).reshape(taps, c_in,
-                                                                                1, -1)
-        patch = inp.reshape(m, taps, groups, c_in // groups)
-        return jnp.einsum("mtgc,mgo->tcgo", patch, dz, preferred_element_type=acc)
-    dz = dz.astype(acc)
-    return jnp.stack([jnp.einsum("mgc,mgo->cgo", tap.astype(acc).reshape(*dz.shape[:2], -1), dz)
-                      for tap in inp])
+def _kernel_grad_block(patch, dz, taps, acc):
+    """``P_blockᵀ · dZ_tile``: ``(taps, C_in/G, G, C_out/G)``. Always a product on the patch
+    (one contraction over the tile's positions, with a small output), also for layers whose
+    forward runs elementwise: per-tap products compiled 4x slower for no gain."""
+    m, groups = patch.shape[0], dz.shape[1]
+    c_in = patch.shape[1] // taps
+    if groups == 1:
+        return jnp.matmul(patch.T, dz[:, 0], preferred_element_type=acc).reshape(taps, c_in, 1,
+                                                                               -1)
+    patch = patch.reshape(m, taps, groups, c_in // groups)
+    return jnp.einsum("mtgc,mgo->tcgo", patch, dz, preferred_element_type=acc)
 
 
 def _input_grad_block(dz, kb, p: Plan, acc):
@@ -481,8 +481,7 @@ def kernel_grad(x, dz, k_shape, cfg: WindowConfig, groups: int):
         dzt = _tile_dz(dzp, t, cfg, p, g, groups)
 
         def block(j, dk):
-            dkj = _kernel_grad_block(_block_input(xp, t, j, cfg, p, g), dzt, taps,
-                                     p, acc)
+            dkj = _kernel_grad_block(_patch(xp, t, j, cfg, p, g), dzt, taps, acc)
             return _add_at(dk, dkj[None], (j, 0, 0, 0, 0))
 
         return _loop(n_blocks, block, dk)
