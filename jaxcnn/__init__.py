@@ -7,7 +7,7 @@ Every op takes ``impl="lax"`` (lax primitives, JAX's autodiff: the reference) or
 from . import models, nn
 from .check import check_vjp
 from .convolution import conv
-from .activations import log_softmax, relu
+from .activations import gelu, leaky_relu, log_softmax, relu, sigmoid, softmax, tanh
 from .linear import dense, flatten
 from .losses import cross_entropy
 from .pooling import avg_pool, max_pool
@@ -20,6 +20,11 @@ __all__ = [
     "avg_pool",
     "dense",
     "relu",
+    "leaky_relu",
+    "sigmoid",
+    "tanh",
+    "gelu",
+    "softmax",
     "flatten",
     "log_softmax",
     "cross_entropy",
