@@ -9,7 +9,7 @@ from .check import check_vjp
 from .convolution import conv
 from .activations import gelu, leaky_relu, log_softmax, relu, sigmoid, softmax, tanh
 from .linear import dense, flatten
-from .losses import cross_entropy
+from .losses import binary_cross_entropy_with_logits, cross_entropy, mse
 from .pooling import avg_pool, max_pool
 
 __version__ = "0.1.0"
@@ -28,6 +28,8 @@ __all__ = [
     "flatten",
     "log_softmax",
     "cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "mse",
     "check_vjp",
     "nn",
     "models",
