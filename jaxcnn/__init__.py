@@ -7,9 +7,9 @@ Every op takes ``impl="lax"`` (lax primitives, JAX's autodiff: the reference) or
 from . import models, nn
 from .check import check_vjp
 from .convolution import conv, conv_transpose
-from .activations import log_softmax, relu
+from .activations import gelu, leaky_relu, log_softmax, relu, sigmoid, softmax, tanh
 from .linear import dense, flatten
-from .losses import cross_entropy
+from .losses import binary_cross_entropy_with_logits, cross_entropy, mse
 from .pooling import avg_pool, max_pool
 
 __version__ = "0.1.0"
@@ -21,9 +21,16 @@ __all__ = [
     "avg_pool",
     "dense",
     "relu",
+    "leaky_relu",
+    "sigmoid",
+    "tanh",
+    "gelu",
+    "softmax",
     "flatten",
     "log_softmax",
     "cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "mse",
     "check_vjp",
     "nn",
     "models",

@@ -475,3 +475,82 @@ def check_label_values(fn: str, name: str, labels, num_classes: int, *, context:
             fn=fn, name=name, context=context, last=num_classes - 1, num_classes=num_classes,
             first=labels.flat[bad[0]], index=int(bad[0]), count=bad.size, low=labels.min(),
             high=labels.max()))
+
+
+# --------------------------------------------------------------------------------------------
+# Activations and losses: static numbers, axes, reductions, targets.
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_float(fn: str, name: str, value, *, low: float | None = None,
+                high: float | None = None) -> float:
+    """``value`` (a Python or numpy real number, not a bool) as a finite float in
+    ``[low, high)`` (either bound may be None), else ``TypeError`` / ``ValueError``.
+
+    For static configuration (a slope, a smoothing factor): an array is refused.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{fn}: {name} must be a float (a Python number); got "
+                        f"{type(value).__name__} {value!r}")
+    v = float(value)
+    if low is not None and high is not None:
+        where = f" in [{low:g}, {high:g})"
+    elif low is not None:
+        where = f" >= {low:g}"
+    elif high is not None:
+        where = f" < {high:g}"
+    else:
+        where = ""
+    if not np.isfinite(v) or (low is not None and v < low) or (high is not None and v >= high):
+        raise ValueError(f"{fn}: {name} must be a finite float{where}; got {value!r}")
+    return v
+
+
+def check_axis(fn: str, name: str, axis, ndim: int) -> int:
+    """``axis`` of an array of rank ``ndim`` (``-ndim <= axis < ndim``) as a non-negative int."""
+    if not is_int(axis):
+        raise TypeError(f"{fn}: {name} must be an int; got {type(axis).__name__} {axis!r}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"{fn}: {name} must lie in [-{ndim}, {ndim}) for x of rank {ndim}; got {axis}")
+    return int(axis) % ndim
+
+
+def check_reduction(fn: str, reduction) -> str:
+    """One of :data:`REDUCTIONS`: ``"mean"``, ``"sum"`` or ``"none"`` (no reduction)."""
+    return check_choice(fn, "reduction", reduction, REDUCTIONS)
+
+
+def _dtype_of(a):
+    return np.dtype(a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype)
+
+
+def cross_entropy_labels(fn: str, logits_shape, labels, labels_shape) -> str:
+    """Validate ``cross_entropy``'s labels for ``logits: (N, C)``; return their kind:
+    ``"int"`` (integer class labels ``(N,)``) or ``"prob"`` (floating probability targets of
+    the logits' shape ``(N, C)``)."""
+    dtype = _dtype_of(labels)
+    if not np.issubdtype(dtype, np.floating) or len(logits_shape) != 2:
+        check_labels(fn, logits_shape, labels_shape, dtype)
+        return "int"
+    if len(labels_shape) == 1:
+        raise TypeError(
+            f"{fn}: labels must be integers (N,) or floating probability targets of the "
+            f"logits' shape (N, C) = {_fmt_shape(logits_shape)}; got {dtype.name} labels of "
+            f"shape {_fmt_shape(labels_shape)} (cast class labels to an integer dtype)")
+    if tuple(labels_shape) != tuple(logits_shape):
+        raise ValueError(
+            f"{fn}: probability targets (floating labels) must have the logits' shape (N, C) = "
+            f"{_fmt_shape(logits_shape)}; got {_fmt_shape(labels_shape)}")
+    return "prob"
+
+
+def check_targets(fn: str, pred_name: str, pred_shape, name: str, targets) -> None:
+    """Floating ``targets`` of exactly the shape of the prediction ``pred_name``."""
+    shape = check_array(fn, name, targets)
+    if tuple(shape) != tuple(pred_shape):
+        raise ValueError(
+            f"{fn}: {name} must have the shape of {pred_name} {_fmt_shape(pred_shape)}; got "
+            f"{_fmt_shape(shape)}")

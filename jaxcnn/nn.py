@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _shapes
-from .activations import relu
+from .activations import gelu, leaky_relu, relu, sigmoid, softmax, tanh
 from .convolution import conv
 from .linear import dense, flatten
 from .pooling import avg_pool, max_pool
@@ -188,6 +188,45 @@ Relu = _parameterless("Relu", lambda x, impl: relu(x, impl=impl))
 
 Flatten = _parameterless("Flatten", lambda x, impl: flatten(x, impl=impl))
 """``(N, *rest) -> (N, prod(rest))``. A constant layer: write ``Flatten``."""
+
+
+# --------------------------------------------------------------------------------------------
+# More activation layers (params ``{}``, any input shape). As with ``Relu``, a layer with
+# nothing to configure is a constant (write ``Sigmoid``, ``Tanh``); one with an option is a
+# factory, called even for its defaults (``LeakyRelu()``, ``Gelu()``, ``Softmax()``), so that
+# the option is visible where the model is written. Only ``Relu`` gives the layer before it He
+# initialisation in :func:`serial`; pass ``init="he"`` to a ``Conv`` / ``Dense`` before
+# ``LeakyRelu`` or ``Gelu`` to get it there too.
+
+Sigmoid = _parameterless("Sigmoid", lambda x, impl: sigmoid(x, impl=impl))
+"""``σ(x) = 1 / (1 + exp(-x))`` elementwise (:func:`jaxcnn.sigmoid`). A constant layer:
+write ``Sigmoid``."""
+
+Tanh = _parameterless("Tanh", lambda x, impl: tanh(x, impl=impl))
+"""``tanh(x)`` elementwise (:func:`jaxcnn.tanh`). A constant layer: write ``Tanh``."""
+
+
+def LeakyRelu(negative_slope=0.01):
+    """``x`` for ``x >= 0``, ``negative_slope · x`` otherwise (:func:`jaxcnn.leaky_relu`)."""
+    fn = "LeakyRelu"
+    negative_slope = _shapes.check_float(fn, "negative_slope", negative_slope)
+    return _parameterless(fn, lambda x, impl: leaky_relu(x, negative_slope, impl=impl))
+
+
+def Gelu(approximate=False):
+    """``x · Φ(x)`` elementwise, or its tanh approximation with ``approximate=True``
+    (:func:`jaxcnn.gelu`; the exact form by default, unlike ``jax.nn.gelu``)."""
+    fn = "Gelu"
+    approximate = _shapes.check_bool(fn, "approximate", approximate)
+    return _parameterless(fn, lambda x, impl: gelu(x, approximate, impl=impl))
+
+
+def Softmax(axis=-1):
+    """``exp(x_j) / Σ_k exp(x_k)`` along ``axis`` (:func:`jaxcnn.softmax`; default the last,
+    the class axis of channels-last logits)."""
+    fn = "Softmax"
+    axis = _shapes.check_int(fn, "axis", axis)
+    return _parameterless(fn, lambda x, impl: softmax(x, axis, impl=impl))
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from .grid import OPS, grid, run_case
 from .results import COLUMNS, NOT_APPLICABLE, CheckResult, format_table
 from .tolerances import FD_TOLERANCES, TOLERANCES, fd_dtype, fd_note, fd_tolerance
 
-_WIDTHS = [13, 40] + [12] * len(COLUMNS) + [6]   # op, configuration, comparisons, result
+# op (as wide as the longest op name), configuration, comparisons, result
+_WIDTHS = [max(map(len, OPS)), 40] + [12] * len(COLUMNS) + [6]
 
 
 def main(argv=None) -> int:

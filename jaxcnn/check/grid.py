@@ -28,12 +28,15 @@ from typing import Callable
 import numpy as np
 
 from .. import _shapes
-from ..activations import (_log_softmax_manual_forward, _relu_manual_forward, log_softmax,
-                           relu)
+from ..activations import (_gelu_manual_forward, _leaky_relu_manual_forward,
+                           _log_softmax_manual_forward, _relu_manual_forward,
+                           _sigmoid_manual_forward, _softmax_manual_forward, _tanh_manual_forward,
+                           gelu, leaky_relu, log_softmax, relu, sigmoid, softmax, tanh)
 from ..convolution import (_conv_manual_forward, _conv_transpose_manual_forward, conv,
                            conv_transpose)
 from ..linear import _dense_manual_forward, _flatten_manual_forward, dense, flatten
-from ..losses import _cross_entropy_manual_forward, cross_entropy
+from ..losses import (_bce_manual_forward, _cross_entropy_manual_forward, _mse_manual_forward,
+                      binary_cross_entropy_with_logits, cross_entropy, mse)
 from ..pooling import _avg_pool_manual_forward, _max_pool_manual_forward, avg_pool, max_pool
 from ._engine import compare
 from .results import CheckResult
@@ -43,6 +46,9 @@ _TIES = ("tied maxima: the derivative is undefined there and every subgradient i
          "maximum, as jax.grad of reduce_window picks)")
 _RELU_ZERO = ("relu at exactly 0: not differentiable; (b) pins the convention relu'(0) = 0, "
               "(c) (jnp.maximum gives 1/2), (d) and (e) do not apply")
+_LEAKY_ZERO = ("leaky_relu at exactly 0: not differentiable; (b) and (c) pin the convention "
+               "leaky_relu'(0) = 1 (jax.nn.leaky_relu selects x >= 0), (e) follows it; (d) "
+               "(a central difference straddles the kink: (1 + slope) / 2) does not apply")
 
 
 @dataclasses.dataclass
@@ -163,14 +169,24 @@ def _unary_case(op, label, x, op_func, forward, quick=False, skip=None):
                 lambda x: op_func(x, impl="lax"), forward, quick, dict(skip or {}))
 
 
-def _cross_entropy_case(label, n, classes, quick=False, dtype="float64"):
+def _cross_entropy_case(label, n, classes, quick=False, dtype="float64", probs=False, **kw):
+    """Integer labels (passed through), or with ``probs`` probability targets (differentiated
+    too); ``kw``: ``label_smoothing``, ``reduction``."""
     rng = _rng("cross_entropy", label)
     logits = (2 * rng.standard_normal((n, classes))).astype(dtype)
-    labels = rng.integers(0, classes, n).astype(np.int32)
+    labels = (rng.dirichlet(np.ones(classes), n).astype(dtype) if probs
+              else rng.integers(0, classes, n).astype(np.int32))
     return Case("cross_entropy", label, (logits, labels), ("logits", "labels"),
-                lambda z, y: cross_entropy(z, y, impl="manual"),
-                lambda z, y: cross_entropy(z, y, impl="lax"),
-                _cross_entropy_manual_forward, quick)
+                lambda z, y: cross_entropy(z, y, impl="manual", **kw),
+                lambda z, y: cross_entropy(z, y, impl="lax", **kw),
+                lambda z, y: _cross_entropy_manual_forward(z, y, **kw), quick)
+
+
+def _pair_case(op, label, args, names, op_func, forward, quick=False, **kw):
+    """A case of a loss of two floating arrays (prediction, target), both differentiated."""
+    return Case(op, label, args, names, lambda a, b: op_func(a, b, impl="manual", **kw),
+                lambda a, b: op_func(a, b, impl="lax", **kw),
+                lambda a, b: forward(a, b, **kw), quick)
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,9 +325,78 @@ def _log_softmax_cases(dtype: str) -> list:
                     log_softmax, _log_softmax_manual_forward, quick=True),
         _unary_case("log_softmax", "x(2,3,5)", rng.standard_normal((2, 3, 5)).astype(dtype),
                     log_softmax, _log_softmax_manual_forward),
+        _unary_case("log_softmax", "x(4,3,2), axis 0",
+                    rng.standard_normal((4, 3, 2)).astype(dtype),
+                    lambda x, impl: log_softmax(x, 0, impl=impl),
+                    lambda x: _log_softmax_manual_forward(x, 0)),
         _unary_case("log_softmax", "large logits x + 100",
                     (100 + rng.standard_normal((3, 6))).astype(dtype), log_softmax,
                     _log_softmax_manual_forward),
+    ]
+
+
+def _leaky_relu_cases(dtype: str) -> list:
+    rng = _rng("leaky_relu", "inputs")
+    away = lambda s: (np.sign(z := rng.standard_normal(s)) * (0.05 + np.abs(z))).astype(dtype)
+    zeros = np.array([[-1.0, 0.0, 2.0, 0.0], [0.0, 3.0, -2.0, 0.0]], dtype)
+    op = lambda slope: (lambda x, impl: leaky_relu(x, slope, impl=impl))
+    fwd = lambda slope: (lambda x: _leaky_relu_manual_forward(x, slope))
+    return [
+        _unary_case("leaky_relu", "x(3,7), slope 0.01, |x| >= 0.05", away((3, 7)), op(0.01),
+                    fwd(0.01), quick=True),
+        _unary_case("leaky_relu", "x(2,4,4,3), slope 0.2", away((2, 4, 4, 3)), op(0.2),
+                    fwd(0.2)),
+        _unary_case("leaky_relu", "kink: x = 0 exactly, slope 0.1", zeros, op(0.1), fwd(0.1),
+                    skip={"finite_diff": _LEAKY_ZERO}),
+    ]
+
+
+def _smooth_unary_cases(op, op_func, forward, dtype) -> list:
+    """A small and a 4-D input of unit scale, and one out to |x| = 100 (saturation)."""
+    rng = _rng(op, "inputs")
+    wide = np.concatenate([[-100.0, -40.0, -15.0, 15.0, 40.0, 100.0], rng.standard_normal(6)])
+    return [
+        _unary_case(op, "x(3,7)", (2 * rng.standard_normal((3, 7))).astype(dtype), op_func,
+                    forward, quick=True),
+        _unary_case(op, "x(2,4,4,3)", rng.standard_normal((2, 4, 4, 3)).astype(dtype),
+                    op_func, forward),
+        _unary_case(op, "|x| up to 100", wide.reshape(2, 6).astype(dtype), op_func, forward),
+    ]
+
+
+def _sigmoid_cases(dtype: str) -> list:
+    return _smooth_unary_cases("sigmoid", sigmoid, _sigmoid_manual_forward, dtype)
+
+
+def _tanh_cases(dtype: str) -> list:
+    return _smooth_unary_cases("tanh", tanh, _tanh_manual_forward, dtype)
+
+
+def _gelu_cases(dtype: str) -> list:
+    exact = _smooth_unary_cases("gelu", gelu, lambda x: _gelu_manual_forward(x, False), dtype)
+    rng = _rng("gelu", "approximate")
+    approx = lambda x, impl: gelu(x, approximate=True, impl=impl)
+    return [dataclasses.replace(c, label=f"exact, {c.label}") for c in exact] + [
+        _unary_case("gelu", "approximate, x(3,7)",
+                    (2 * rng.standard_normal((3, 7))).astype(dtype), approx,
+                    lambda x: _gelu_manual_forward(x, True), quick=True),
+        _unary_case("gelu", "approximate, |x| up to 100",
+                    np.array([[-100.0, -20.0, -3.0, 3.0, 20.0, 100.0]], dtype), approx,
+                    lambda x: _gelu_manual_forward(x, True)),
+    ]
+
+
+def _softmax_cases(dtype: str) -> list:
+    rng = _rng("softmax", "inputs")
+    along = lambda axis: (lambda x, impl: softmax(x, axis, impl=impl))
+    fwd = lambda axis: (lambda x: _softmax_manual_forward(x, axis))
+    return [
+        _unary_case("softmax", "x(4,10)", (2 * rng.standard_normal((4, 10))).astype(dtype),
+                    along(-1), fwd(-1), quick=True),
+        _unary_case("softmax", "x(2,3,5), axis 1", rng.standard_normal((2, 3, 5)).astype(dtype),
+                    along(1), fwd(1)),
+        _unary_case("softmax", "large logits x + 100",
+                    (100 + rng.standard_normal((3, 6))).astype(dtype), along(-1), fwd(-1)),
     ]
 
 
@@ -319,6 +404,44 @@ def _cross_entropy_cases(dtype: str) -> list:
     return [
         _cross_entropy_case("logits(8,10)", 8, 10, quick=True, dtype=dtype),
         _cross_entropy_case("logits(1,3), batch 1", 1, 3, dtype=dtype),
+        _cross_entropy_case("smoothing 0.1, sum", 6, 5, dtype=dtype, label_smoothing=0.1,
+                            reduction="sum"),
+        _cross_entropy_case("smoothing 0.2, none", 5, 4, dtype=dtype, label_smoothing=0.2,
+                            reduction="none"),
+        _cross_entropy_case("probability targets, smoothing 0.1", 6, 4, quick=True,
+                            dtype=dtype, probs=True, label_smoothing=0.1),
+        _cross_entropy_case("probability targets, none", 3, 5, dtype=dtype, probs=True,
+                            reduction="none"),
+    ]
+
+
+def _bce_cases(dtype: str) -> list:
+    rng = _rng("binary_cross_entropy_with_logits", "inputs")
+    op, name = "binary_cross_entropy_with_logits", ("logits", "targets")
+    f, fwd = binary_cross_entropy_with_logits, _bce_manual_forward
+    x = lambda s, scale=3.0: (scale * rng.standard_normal(s)).astype(dtype)
+    t = lambda s: rng.uniform(size=s).astype(dtype)
+    return [
+        _pair_case(op, "x(6,4), mean", (x((6, 4)), t((6, 4))), name, f, fwd, quick=True),
+        _pair_case(op, "x(2,3,3,2), none", (x((2, 3, 3, 2)), t((2, 3, 3, 2))), name, f, fwd,
+                   reduction="none"),
+        _pair_case(op, "|x| up to 100, 0/1 targets, sum",
+                   (np.array([[-100.0, -30.0, 30.0, 100.0]], dtype),
+                    np.array([[0.0, 1.0, 0.0, 1.0]], dtype)), name, f, fwd, reduction="sum"),
+    ]
+
+
+def _mse_cases(dtype: str) -> list:
+    rng = _rng("mse", "inputs")
+    name = ("pred", "target")
+    x = lambda s: rng.standard_normal(s).astype(dtype)
+    return [
+        _pair_case("mse", "x(5,3), mean", (x((5, 3)), x((5, 3))), name, mse,
+                   _mse_manual_forward, quick=True),
+        _pair_case("mse", "x(2,4,4,2), none", (x((2, 4, 4, 2)), x((2, 4, 4, 2))), name, mse,
+                   _mse_manual_forward, reduction="none"),
+        _pair_case("mse", "x(7,), sum", (x((7,)), x((7,))), name, mse, _mse_manual_forward,
+                   reduction="sum"),
     ]
 
 
@@ -330,7 +453,14 @@ OPS: dict[str, Callable[[str], list]] = {
     "avg_pool": _avg_pool_cases,
     "dense": _dense_cases,
     "relu": _relu_cases,
+    "leaky_relu": _leaky_relu_cases,
+    "sigmoid": _sigmoid_cases,
+    "tanh": _tanh_cases,
+    "gelu": _gelu_cases,
     "flatten": _flatten_cases,
+    "softmax": _softmax_cases,
     "log_softmax": _log_softmax_cases,
     "cross_entropy": _cross_entropy_cases,
+    "binary_cross_entropy_with_logits": _bce_cases,
+    "mse": _mse_cases,
 }
