@@ -10,7 +10,9 @@ from .convolution import conv
 from .activations import log_softmax, relu
 from .linear import dense, flatten
 from .losses import cross_entropy
+from .normalization import batch_norm, layer_norm
 from .pooling import avg_pool, max_pool
+from .regularization import dropout
 
 __version__ = "0.1.0"
 
@@ -23,6 +25,9 @@ __all__ = [
     "flatten",
     "log_softmax",
     "cross_entropy",
+    "batch_norm",
+    "layer_norm",
+    "dropout",
     "check_vjp",
     "nn",
     "models",
