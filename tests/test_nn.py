@@ -29,7 +29,7 @@ SHAPE_CASES = [
     (Conv(4, (3, 2), stride=(2, 1), padding=((1, 0), (0, 2))), (2, 7, 6, 2), (2, 3, 7, 4)),
     (Conv(6, 3, dilation=2), (1, 9, 9, 3), (1, 5, 5, 6)),                    # k_eff = 5
     (Conv(4, 3, groups=2, padding=1), (1, 5, 5, 2), (1, 5, 5, 4)),
-    (Conv(3, 3), (2, 8, 2), (2, 6, 3)),                                      # 1 spatial dim
+    (Conv(3, (3,)), (2, 8, 2), (2, 6, 3)),                                   # 1 spatial dim
     (MaxPool(2), (2, 7, 7, 3), (2, 3, 3, 3)),                                # stride = window
     (MaxPool(3, stride=2), (2, 7, 7, 3), (2, 3, 3, 3)),
     (AvgPool(2, stride=1, padding="SAME"), (2, 5, 5, 3), (2, 5, 5, 3)),
