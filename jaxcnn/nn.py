@@ -556,7 +556,7 @@ def apply_model(apply, params, state, x, *, train, rng=None, impl="manual"):
     - ``train``: a Python bool (static under ``jit``). True in the training step: batch norm
       normalizes with the batch statistics and moves its running averages, dropout drops.
       False for evaluation: batch norm uses the running averages, dropout is off, and
-      ``new_state`` is ``state``.
+      ``new_state`` holds the very arrays of ``state``.
     - ``rng``: a PRNG key, needed with ``train=True`` when the model has ``Dropout`` (derive a
       fresh one per step, e.g. ``jax.random.fold_in(key, step)``); otherwise None.
     - ``impl``: ``"manual"`` or ``"lax"``, for every layer.
