@@ -81,6 +81,14 @@ def test_check_grads_second_order():
                 modes=["rev"])
 
 
+@pytest.mark.usefixtures("x64")
+def test_forward_over_reverse_hessian_equals_lax():
+    x = np.random.default_rng(0).normal(size=(3, 4))
+    loss = lambda x, impl: jnp.sum(jnp.sin(jc.dropout(x, 0.5, KEY, impl=impl)))  # noqa: E731
+    want = jax.hessian(lambda x: loss(x, "lax"))(x)
+    np.testing.assert_allclose(jax.hessian(lambda x: loss(x, "manual"))(x), want, rtol=1e-12)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bfloat16_keeps_its_dtype(impl):
     x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 8)), jnp.bfloat16)
