@@ -423,7 +423,7 @@ def serial(*layers):
     their state is ``{}``.
     """
     fn = "serial"
-    _check_layers(fn, layers, at_least=1)
+    _check_layers(fn, layers)
     followed_by_relu = [layers[i + 1] is Relu for i in range(len(layers) - 1)]
 
     def init_fn(key, input_shape, before_relu):
@@ -458,7 +458,7 @@ def parallel(*layers):
     in :func:`serial`. With :data:`FanOut` before and :data:`FanInSum` after, the branches of a
     residual block (module docstring)."""
     fn = "parallel"
-    _check_layers(fn, layers, at_least=1)
+    _check_layers(fn, layers)
 
     def init_fn(key, input_shape, before_relu):
         _check_branches(fn, "input_shape", input_shape, len(layers))
@@ -748,8 +748,8 @@ def _fold_in(rng, i):
     return None if rng is None else jax.random.fold_in(rng, i)
 
 
-def _check_layers(fn, layers, *, at_least):
-    if len(layers) < at_least:
+def _check_layers(fn, layers):
+    if not layers:
         raise ValueError(f"{fn}: needs at least one layer; got none")
     for i, layer in enumerate(layers):
         if not (isinstance(layer, tuple) and len(layer) == 2 and all(map(callable, layer))):

@@ -150,7 +150,7 @@ def test_bad_distributed_settings_exit_1_before_anything_starts(argv, match, tmp
     (["--dataset", "cifar10"], r"argument --dataset: invalid choice: 'cifar10' \(choose from "
                                r"'?synthetic'?, '?mnist'?, '?fashion_mnist'?\)"),
     (["--model", "vgg"], r"argument --model: invalid choice: 'vgg' \(choose from '?lenet5'?, "
-                         r"'?small_cnn'?\)"),
+                         r"'?small_cnn'?, '?resnet'?\)"),
     (["--optimizer", "rmsprop"], r"argument --optimizer: invalid choice: 'rmsprop' \(choose "
                                  r"from '?adam'?, '?sgd'?, '?momentum'?\)"),
     (["--impl", "cuda"], r"argument --impl: invalid choice: 'cuda'"),
