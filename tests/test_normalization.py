@@ -214,10 +214,16 @@ def test_forward_over_reverse_hessians_equal_lax():
         lambda x, i: jnp.sum(jnp.sin(_eval(x, scale, offset, offset, scale ** 2 + 1, i))),
         lambda x, i: jnp.sum(jnp.sin(jc.layer_norm(x, scale, offset, impl=i))),
     ]
-    for loss in losses:
-        want = jax.hessian(lambda x: loss(x, "lax"))(x)
-        assert_close(jax.hessian(lambda x: loss(x, "manual"))(x), want, "float64")
-        assert_close(jax.jacfwd(jax.grad(lambda x: loss(x, "manual")))(x), want, "float64")
+
+    @jax.jit                                    # one compilation for the three ops
+    def hessians(x):
+        return [(jax.hessian(lambda x: loss(x, "lax"))(x),
+                 jax.hessian(lambda x: loss(x, "manual"))(x),
+                 jax.jacfwd(jax.grad(lambda x: loss(x, "manual")))(x)) for loss in losses]
+
+    for want, hessian, jacfwd_of_grad in hessians(x):
+        assert_close(hessian, want, "float64")
+        assert_close(jacfwd_of_grad, want, "float64")
 
 
 # --------------------------------------------------------------------------------------------
