@@ -10,7 +10,9 @@ from .convolution import conv, conv_transpose
 from .activations import gelu, leaky_relu, log_softmax, relu, sigmoid, softmax, tanh
 from .linear import dense, flatten
 from .losses import binary_cross_entropy_with_logits, cross_entropy, mse
+from .normalization import batch_norm, layer_norm
 from .pooling import avg_pool, max_pool
+from .regularization import dropout
 
 __version__ = "0.1.0"
 
@@ -31,6 +33,9 @@ __all__ = [
     "cross_entropy",
     "binary_cross_entropy_with_logits",
     "mse",
+    "batch_norm",
+    "layer_norm",
+    "dropout",
     "check_vjp",
     "nn",
     "models",

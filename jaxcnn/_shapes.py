@@ -28,6 +28,7 @@ from __future__ import annotations
 import operator
 from typing import NamedTuple, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -119,6 +120,38 @@ def check_bool(fn: str, name: str, value) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{fn}: {name} must be a bool; got {value!r}")
     return bool(value)
+
+
+def check_float(fn: str, name: str, value, *, minimum: float | None = None,
+                maximum: float | None = None, exclusive_minimum: bool = False,
+                exclusive_maximum: bool = False, meaning: str = "") -> float:
+    """``value`` as a Python float: a real number (not a bool, not an array), finite, and within
+    ``[minimum, maximum]`` (open at either end with ``exclusive_minimum`` /
+    ``exclusive_maximum``); else ``TypeError`` / ``ValueError`` naming ``fn`` and ``name``.
+    ``meaning`` (e.g. `` (the probability of dropping)``) follows the rule in the message. The
+    one float check of the project (rates, epsilons, momenta, slopes, smoothing, learning
+    rates); such arguments are static (hashable, part of the compiled function).
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                     np.floating)):
+        raise TypeError(f"{fn}: {name} must be a Python number{meaning}; got "
+                        f"{type(value).__name__} {value!r}")
+    v = float(value)
+    if minimum is not None and maximum is not None:
+        rule = (f"in {'(' if exclusive_minimum else '['}{minimum:g}, {maximum:g}"
+                f"{')' if exclusive_maximum else ']'}")
+    elif minimum is not None:
+        rule = f"{'>' if exclusive_minimum else '>='} {minimum:g}"
+    elif maximum is not None:
+        rule = f"{'<' if exclusive_maximum else '<='} {maximum:g}"
+    else:
+        rule = ""
+    too_low = minimum is not None and (v <= minimum if exclusive_minimum else v < minimum)
+    too_high = maximum is not None and (v >= maximum if exclusive_maximum else v > maximum)
+    if not np.isfinite(v) or too_low or too_high:
+        raise ValueError(f"{fn}: {name} must be a finite number{' ' + rule if rule else ''}"
+                         f"{meaning}; got {value!r}")
+    return v
 
 
 def _as_int(fn: str, name: str, v) -> int:
@@ -483,31 +516,6 @@ def check_label_values(fn: str, name: str, labels, num_classes: int, *, context:
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def check_float(fn: str, name: str, value, *, low: float | None = None,
-                high: float | None = None) -> float:
-    """``value`` (a Python or numpy real number, not a bool) as a finite float in
-    ``[low, high)`` (either bound may be None), else ``TypeError`` / ``ValueError``.
-
-    For static configuration (a slope, a smoothing factor): an array is refused.
-    """
-    if isinstance(value, (bool, np.bool_)) or not isinstance(
-            value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{fn}: {name} must be a float (a Python number); got "
-                        f"{type(value).__name__} {value!r}")
-    v = float(value)
-    if low is not None and high is not None:
-        where = f" in [{low:g}, {high:g})"
-    elif low is not None:
-        where = f" >= {low:g}"
-    elif high is not None:
-        where = f" < {high:g}"
-    else:
-        where = ""
-    if not np.isfinite(v) or (low is not None and v < low) or (high is not None and v >= high):
-        raise ValueError(f"{fn}: {name} must be a finite float{where}; got {value!r}")
-    return v
-
-
 def check_axis(fn: str, name: str, axis, ndim: int) -> int:
     """``axis`` of an array of rank ``ndim`` (``-ndim <= axis < ndim``) as a non-negative int."""
     if not is_int(axis):
@@ -554,3 +562,122 @@ def check_targets(fn: str, pred_name: str, pred_shape, name: str, targets) -> No
         raise ValueError(
             f"{fn}: {name} must have the shape of {pred_name} {_fmt_shape(pred_shape)}; got "
             f"{_fmt_shape(shape)}")
+
+
+# Normalization and dropout, shared by both impls.
+
+
+def batch_norm_config(x_shape, scale_shape, offset_shape, mean_shape, var_shape, *, train: bool,
+                      eps, fn: str = "batch_norm") -> float:
+    """Validate ``batch_norm``'s arrays for its mode; return ``eps`` as a float.
+
+    ``x: (N, *spatial, C)`` (rank >= 2); ``scale``, ``offset`` and, in eval mode, ``mean`` and
+    ``var``: ``(C,)``. Train mode takes no ``mean`` / ``var`` (it computes them) and needs at
+    least one element per channel: the statistics of zero elements are undefined.
+    """
+    eps = check_float(fn, "eps", eps, minimum=0.0, exclusive_minimum=True)
+    if len(x_shape) < 2:
+        raise ValueError(
+            f"{fn}: x must have rank >= 2, (N, *spatial, C) with channels last; got x shape "
+            f"{_fmt_shape(x_shape)}"
+        )
+    c = x_shape[-1]
+    for name, shape in (("scale", scale_shape), ("offset", offset_shape)):
+        if tuple(shape) != (c,):
+            raise ValueError(
+                f"{fn}: {name} must have shape (C,) = ({c},), one entry per channel of x "
+                f"{_fmt_shape(x_shape)}; got {name} shape {_fmt_shape(shape)}"
+            )
+    given = [name for name, s in (("mean", mean_shape), ("var", var_shape)) if s is not None]
+    if train:
+        if given:
+            raise ValueError(
+                f"{fn}: mean and var are the statistics of eval mode; train mode (train=True) "
+                f"computes the batch statistics and returns them; got {' and '.join(given)}"
+            )
+        m = int(np.prod(x_shape[:-1]))
+        if m == 0:
+            raise ValueError(
+                f"{fn}: train mode needs at least one element per channel over the batch and "
+                f"spatial axes (the statistics of zero elements are undefined); got x shape "
+                f"{_fmt_shape(x_shape)}"
+            )
+        return eps
+    for name, shape in (("mean", mean_shape), ("var", var_shape)):
+        if shape is None:
+            raise ValueError(
+                f"{fn}: eval mode (train=False) needs mean and var, the statistics to normalize "
+                f"with (for instance a BatchNorm layer's running averages); got no {name}"
+            )
+        if tuple(shape) != (c,):
+            raise ValueError(
+                f"{fn}: {name} must have shape (C,) = ({c},), one entry per channel of x "
+                f"{_fmt_shape(x_shape)}; got {name} shape {_fmt_shape(shape)}"
+            )
+    return eps
+
+
+def layer_norm_config(x_shape, scale_shape, offset_shape, *, axes, eps,
+                      fn: str = "layer_norm") -> tuple[tuple[int, ...], float]:
+    """Validate ``layer_norm``'s arguments; return the normalized axes (sorted, non-negative)
+    and ``eps``. ``scale`` and ``offset`` have the shape of ``x`` on those axes, in order."""
+    eps = check_float(fn, "eps", eps, minimum=0.0, exclusive_minimum=True)
+    norm = normalize_axes(fn, axes, x_shape)
+    feature = tuple(x_shape[a] for a in norm)
+    if int(np.prod(feature)) == 0:
+        raise ValueError(
+            f"{fn}: the normalized axes {norm} of x {_fmt_shape(x_shape)} hold no element (the "
+            f"statistics of zero elements are undefined)"
+        )
+    for name, shape in (("scale", scale_shape), ("offset", offset_shape)):
+        if tuple(shape) != feature:
+            raise ValueError(
+                f"{fn}: {name} must have the shape of x on the normalized axes {norm}, "
+                f"{_fmt_shape(feature)}; got {name} shape {_fmt_shape(shape)}"
+            )
+    return norm, eps
+
+
+def normalize_axes(fn: str, axes, x_shape, *, name: str = "x") -> tuple[int, ...]:
+    """``axes`` (an int or a non-empty tuple of ints, negative counting from the end) as sorted
+    non-negative axes of an array of shape ``x_shape``, each at most once."""
+    rank = len(x_shape)
+    if rank < 1:
+        raise ValueError(f"{fn}: {name} must have rank >= 1; got a scalar")
+    raw = tuple(axes) if isinstance(axes, (list, tuple)) else (axes,)
+    if not raw or not all(is_int(a) for a in raw):
+        raise TypeError(f"{fn}: axes must be an int or a non-empty tuple of ints; got {axes!r}")
+    if any(not -rank <= a < rank for a in raw):
+        raise ValueError(
+            f"{fn}: axes must lie in [-{rank}, {rank - 1}] for {name} of shape "
+            f"{_fmt_shape(x_shape)}; got {axes!r}"
+        )
+    norm = tuple(sorted(int(a) % rank for a in raw))
+    if len(set(norm)) != len(norm):
+        raise ValueError(f"{fn}: axes must not repeat an axis; got {axes!r} for {name} of rank "
+                         f"{rank}")
+    return norm
+
+
+def check_rate(fn: str, rate) -> float:
+    """A dropout rate: the probability of dropping, a finite number in [0, 1]."""
+    return check_float(fn, "rate", rate, minimum=0.0, maximum=1.0,
+                       meaning=" (the probability of dropping an element)")
+
+
+def check_key(fn: str, name: str, key):
+    """A JAX PRNG key: a typed key (``jax.random.key``) or a raw ``uint32`` key
+    (``jax.random.PRNGKey``) of shape ``(2,)``; else ``TypeError``."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise ValueError(f"{fn}: {name} must be a single PRNG key; got a key array of shape "
+                             f"{_fmt_shape(key.shape)}")
+        return key
+    if dtype is not None and np.dtype(dtype) == np.uint32 and tuple(key.shape) == (2,):
+        return key
+    raise TypeError(
+        f"{fn}: {name} must be a PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)); "
+        f"got {type(key).__name__}"
+        + (f" of dtype {dtype} and shape {_fmt_shape(key.shape)}" if dtype is not None else "")
+    )

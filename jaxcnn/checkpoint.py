@@ -185,7 +185,7 @@ def _read_npz(fn, path: pathlib.Path):
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise ValueError(f"a single .npy array, not a .npz archive")
+            raise ValueError("a single .npy array, not a .npz archive")
         with loaded as f:
             stored = {name: f[name] for name in f.files}
     except Exception as err:  # noqa: BLE001 - zipfile, zlib, numpy and the OS raise a dozen

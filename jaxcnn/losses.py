@@ -84,7 +84,8 @@ def cross_entropy(logits, labels, *, label_smoothing=0.0, reduction="mean", impl
     l_shape = _shapes.check_array(fn, "logits", logits)
     y_shape = _shapes.check_array(fn, "labels", labels, floating=False)
     kind = _shapes.cross_entropy_labels(fn, l_shape, labels, y_shape)
-    eps = _shapes.check_float(fn, "label_smoothing", label_smoothing, low=0.0, high=1.0)
+    eps = _shapes.check_float(fn, "label_smoothing", label_smoothing, minimum=0.0,
+                               maximum=1.0, exclusive_maximum=True)
     reduction = _shapes.check_reduction(fn, reduction)
     lab = _concrete(labels) if kind == "int" else None
     if lab is not None:

@@ -6,17 +6,53 @@ Every constructor returns a :class:`Layer`, a named pair that unpacks like stax'
     out_shape, params = init(jax.random.key(0), (1, 28, 28, 1))
     logits = apply(params, x)                      # x: (N, 28, 28, 1) -> (N, 10)
 
-- ``init(key, input_shape) -> (output_shape, params)``. ``input_shape`` is a full shape, batch
-  first, ``(N, *spatial, C_in)``; ``N`` may be ``-1`` (any batch size, as in stax). The output
-  shape comes from ``jax.eval_shape`` on the op itself, so it follows the op's output-size rule
-  (:mod:`jaxcnn._shapes`) and the op's own shape errors surface at ``init``.
-- ``apply(params, x, *, impl="manual") -> y``. ``impl`` picks the op implementation:
-  ``"manual"`` (the hand-derived gradients, the default here) or ``"lax"``.
+- ``init(key, input_shape, *, before_relu=False, with_state=False) -> (output_shape, params)``,
+  or ``(output_shape, params, state)`` with ``with_state=True``. ``input_shape`` is a full
+  shape, batch first, ``(N, *spatial, C_in)``; ``N`` may be ``-1`` (any batch size, as in
+  stax). The output shape comes from ``jax.eval_shape`` on the op itself, so it follows the
+  op's output-size rule (:mod:`jaxcnn._shapes`) and the op's own shape errors surface at
+  ``init``.
+- ``apply(params, x, *, impl="manual", train=False, rng=None, state=None) -> y``, or
+  ``(y, new_state)`` when ``state`` is given. ``impl`` picks the op implementation:
+  ``"manual"`` (the hand-derived gradients, the default here) or ``"lax"``. ``train`` (a
+  Python bool) switches batch norm to batch statistics and dropout on; ``rng`` is the PRNG key
+  dropout draws its mask from (needed only in train mode). Other keyword arguments are
+  ignored, as stax's layers do, so that jaxcnn layers work inside
+  ``jax.example_libraries.stax.serial`` (which passes ``rng=``); there, ``train=True`` must be
+  passed to ``apply`` by name.
 
-Parameters are plain pytrees that optax, ``jax.tree_util`` and ``numpy.savez`` take as they
-are: ``Conv`` has ``{"kernel": (*window, C_in // groups, C_out), "bias": (C_out,)}``, ``Dense``
-has ``{"w": (D_in, D_out), "b": (D_out,)}`` (the op's argument names), parameterless layers
-have ``{}``, and ``serial`` has a list with one entry per layer.
+Three pytrees, kept apart:
+
+- ``params``: what the optimizer updates, and nothing else (plain dicts and lists that optax,
+  ``jax.tree_util`` and ``numpy.savez`` take as they are). ``Conv`` has ``{"kernel": (*window,
+  C_in // groups, C_out), "bias": (C_out,)}``, ``Dense`` has ``{"w": (D_in, D_out), "b":
+  (D_out,)}`` (the op's argument names), ``BatchNorm`` and ``LayerNorm`` ``{"scale",
+  "offset"}``, parameterless layers ``{}``, ``serial`` and ``parallel`` a list with one entry
+  per layer.
+- ``state``: what a layer updates itself during training and does not learn by gradient:
+  ``BatchNorm``'s running averages ``{"mean": (C,), "var": (C,)}``; ``{}`` for every other
+  layer; ``serial`` and ``parallel`` a list with one entry per layer, like ``params``.
+  ``apply`` is pure: it returns the new state, it never changes the old one.
+- the PRNG key ``rng``: passed per call; ``serial`` and ``parallel`` give their ``i``-th layer
+  ``jax.random.fold_in(rng, i)``.
+
+Training code calls :func:`apply_model`, the same for models with and without state::
+
+    out_shape, params, state = init(key, (-1, 28, 28, 1), with_state=True)
+    logits, state = apply_model(apply, params, state, x, train=True, rng=step_key)   # step
+    logits, _ = apply_model(apply, params, state, x, train=False)                    # eval
+
+A residual block in a few lines (``FanOut`` copies the input to two branches, ``parallel``
+applies one layer to each, ``FanInSum`` adds them; the shortcut is a strided 1×1 projection
+where the shape changes)::
+
+    def residual(channels, stride=1):
+        main = serial(Conv(channels, 3, stride=stride, padding="SAME", use_bias=False),
+                      BatchNorm(), Relu,
+                      Conv(channels, 3, padding="SAME", use_bias=False), BatchNorm())
+        shortcut = Identity if stride == 1 else serial(
+            Conv(channels, 1, stride=stride, use_bias=False), BatchNorm())
+        return serial(FanOut(2), parallel(main, shortcut), FanInSum, Relu)
 
 Initialisation. Biases start at zero. Weights are drawn from a normal distribution with
 standard deviation ``sqrt(gain / fan_in)``, where ``fan_in`` is the number of inputs of one
@@ -29,6 +65,8 @@ output unit (``prod(window) * C_in // groups`` for a convolution, ``D_in`` for d
 The default ``init=None`` picks for you: inside :func:`serial`, a ``Conv`` or ``Dense``
 directly followed by :data:`Relu` gets He, every other one LeCun (a layer used on its own
 gets LeCun). ``serial`` tells the layer by calling its ``init`` with ``before_relu=True``.
+Normalization layers start as the identity map: ``scale`` 1, ``offset`` 0, running mean 0 and
+running variance 1.
 """
 
 from __future__ import annotations
@@ -40,49 +78,100 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from . import _shapes
 from .activations import gelu, leaky_relu, relu, sigmoid, softmax, tanh
 from .convolution import conv
 from .linear import dense, flatten
+from .normalization import batch_norm, layer_norm
 from .pooling import avg_pool, max_pool
+from .regularization import dropout
 
 INITS = ("he", "lecun")
 _GAINS = {"he": 2.0, "lecun": 1.0}
 
 
 class Layer(NamedTuple):
-    """A layer: ``init(key, input_shape) -> (output_shape, params)`` and
-    ``apply(params, x, *, impl="manual") -> y``. Unpacks as ``init, apply = layer``."""
+    """A layer: ``init(key, input_shape, *, before_relu=False, with_state=False)`` and
+    ``apply(params, x, *, impl="manual", train=False, rng=None, state=None)``, as described in
+    the module docstring. Unpacks as ``init, apply = layer``."""
 
-    init: Callable[..., tuple[tuple[int, ...], Any]]
+    init: Callable[..., tuple]
     apply: Callable[..., Any]
+
+
+def _make_layer(fn: str, init_fn, apply_fn) -> Layer:
+    """A :class:`Layer` from its two parts, both with every argument explicit:
+
+    - ``init_fn(key, input_shape, before_relu) -> (output_shape, params, state)``;
+    - ``apply_fn(params, state, x, impl, train, rng) -> (y, new_state)``, where ``state`` is
+      None when the caller keeps no state (the layer then does without: batch norm uses the
+      batch statistics) and ``new_state`` is then ignored.
+
+    The public ``init`` drops the state unless ``with_state=True``; the public ``apply``
+    returns ``y`` alone when it was given no state.
+    """
+
+    def init(key, input_shape, *, before_relu=False, with_state=False):
+        output_shape, params, state = init_fn(key, input_shape, before_relu)
+        if _shapes.check_bool(fn, "with_state", with_state):
+            return output_shape, params, state
+        return output_shape, params
+
+    def apply(params, x, *, impl="manual", train=False, rng=None, state=None, **ignored):
+        train = _shapes.check_bool(fn, "train", train)
+        y, new_state = apply_fn(params, state, x, impl, train, rng)
+        return y if state is None else (y, new_state)
+
+    return Layer(init, apply)
+
+
+def _stateless(fn: str, init_fn, apply_fn) -> Layer:
+    """A :class:`Layer` without state from ``init_fn(key, input_shape, *, before_relu) ->
+    (output_shape, params)`` and ``apply_fn(params, x, *, impl) -> y``: its state is ``{}``,
+    passed through unchanged, and ``train`` and ``rng`` do not concern it."""
+    return _make_layer(
+        fn,
+        lambda key, shape, before_relu: (*init_fn(key, shape, before_relu=before_relu), {}),
+        lambda params, state, x, impl, train, rng: (apply_fn(params, x, impl=impl), state))
 
 
 # --------------------------------------------------------------------------------------------
 # Layers with weights.
 
 
-def Conv(out_channels, window, *, stride=1, padding="VALID", dilation=1, groups=1, init=None):
+def Conv(out_channels, window, *, stride=1, padding="VALID", dilation=1, groups=1,
+         use_bias=True, init=None):
     """Convolution layer: ``(N, *spatial, C_in) -> (N, *out_spatial, out_channels)``.
 
     Args:
       out_channels: ``C_out``, an int >= 1 (divisible by ``groups``).
-      window: the kernel's spatial size, an int (the same on every spatial dim of the input)
-        or one int per spatial dim.
+      window: the kernel's spatial size. An int means a square 2-D window (images); a tuple
+        of 1, 2 or 3 ints gives one size per spatial dim and so the number of spatial dims:
+        ``(5,)`` for a 1-D, ``(3, 3, 3)`` for a 3-D convolution. ``init`` refuses an input of
+        another rank (e.g. ``(28, 28, 1)`` without the batch axis for a 2-D window).
       stride, padding, dilation, groups: as for :func:`jaxcnn.conv`.
+      use_bias: False leaves the bias out (e.g. before a ``BatchNorm``, whose offset does its
+        job and which would cancel it: its gradient is zero in train mode).
       init: ``"he"``, ``"lecun"`` or None (He when :func:`serial` finds a ``Relu`` right after
         this layer, LeCun otherwise); see the module docstring.
 
-    Params: ``{"kernel": (*window, C_in // groups, out_channels), "bias": (out_channels,)}``.
+    Params: ``{"kernel": (*window, C_in // groups, out_channels), "bias": (out_channels,)}``
+    (no ``"bias"`` with ``use_bias=False``).
     """
     fn = "Conv"
     out_channels = _shapes.check_int(fn, "out_channels", out_channels, minimum=1)
+    window_given = window
     window = _int_or_ints(fn, "window", window)
+    nd = len(window) if isinstance(window_given, (list, tuple)) else 2
     _int_or_ints(fn, "stride", stride)
     _int_or_ints(fn, "dilation", dilation)
+    _check_spatial_dims_agree(fn, nd, window_given, stride=stride, dilation=dilation,
+                              padding=padding)
     groups = _shapes.check_int(fn, "groups", groups, minimum=1)
     _check_padding(fn, padding)
+    use_bias = _shapes.check_bool(fn, "use_bias", use_bias)
     _check_init(fn, init)
     if out_channels % groups:
         raise ValueError(
@@ -92,7 +181,7 @@ def Conv(out_channels, window, *, stride=1, padding="VALID", dilation=1, groups=
 
     def init_fn(key, input_shape, *, before_relu=False):
         input_shape = _check_input_shape(fn, input_shape)
-        nd = len(input_shape) - 2
+        _check_spatial_rank(fn, input_shape, nd, window_given)
         win = window * nd if len(window) == 1 else window
         c_in = input_shape[-1]
         if c_in % groups:
@@ -105,12 +194,15 @@ def Conv(out_channels, window, *, stride=1, padding="VALID", dilation=1, groups=
             lambda x, k: conv(x, k, **options), input_shape, kernel_shape)
         kernel = _normal(key, kernel_shape, fan_in=math.prod(kernel_shape[:-1]),
                          scheme=_scheme(init, before_relu))
-        return output_shape, {"kernel": kernel, "bias": _zeros(out_channels)}
+        params = {"kernel": kernel}
+        if use_bias:
+            params["bias"] = _zeros(out_channels)
+        return output_shape, params
 
     def apply_fn(params, x, *, impl="manual"):
-        return conv(x, params["kernel"], params["bias"], impl=impl, **options)
+        return conv(x, params["kernel"], params.get("bias"), impl=impl, **options)
 
-    return Layer(init_fn, apply_fn)
+    return _stateless(fn, init_fn, apply_fn)
 
 
 def Dense(out_features, *, init=None):
@@ -136,7 +228,127 @@ def Dense(out_features, *, init=None):
     def apply_fn(params, x, *, impl="manual"):
         return dense(x, params["w"], params["b"], impl=impl)
 
-    return Layer(init_fn, apply_fn)
+    return _stateless(fn, init_fn, apply_fn)
+
+
+# --------------------------------------------------------------------------------------------
+# Layers with state or randomness: normalization and dropout.
+
+
+def BatchNorm(*, momentum=0.9, eps=1e-5):
+    """Batch normalization (:func:`jaxcnn.batch_norm`) per channel, with running averages:
+    ``(N, *spatial, C) -> (N, *spatial, C)``.
+
+    Args:
+      momentum: in ``[0, 1]``: how much of the old running average each train step keeps,
+        ``new = momentum · old + (1 − momentum) · batch`` (Flax's convention; PyTorch's
+        ``momentum=0.1`` is this ``0.9``).
+      eps: ``ε > 0``, added to the variance.
+
+    Params: ``{"scale": (C,), "offset": (C,)}`` (ones, zeros). State: ``{"mean": (C,),
+    "var": (C,)}`` (zeros, ones).
+
+    ``apply`` by mode:
+
+    - ``train=True`` with ``state``: normalizes with the batch statistics and returns the
+      running averages moved towards them. The running variance averages the **biased**
+      batch variance (divided by ``M = N · prod(spatial)``, the one the batch was normalized
+      with), as Flax does; PyTorch averages the unbiased one (divided by ``M − 1``), larger by
+      ``M / (M − 1)``: negligible for conv layers, whose ``M`` is in the thousands.
+    - ``train=False`` with ``state``: normalizes with the running averages; the state comes
+      back unchanged.
+    - without ``state`` (for instance inside ``stax.serial``): normalizes with the batch
+      statistics in either mode, as ``stax.BatchNorm`` does.
+    """
+    fn = "BatchNorm"
+    momentum = _shapes.check_float(fn, "momentum", momentum, minimum=0.0, maximum=1.0)
+    eps = _shapes.check_float(fn, "eps", eps, minimum=0.0, exclusive_minimum=True)
+
+    def init_fn(key, input_shape, before_relu):
+        input_shape = _check_input_shape(fn, input_shape, min_rank=2)
+        c = input_shape[-1]
+        params = {"scale": _ones(c), "offset": _zeros(c)}
+        return input_shape, params, {"mean": _zeros(c), "var": _ones(c)}
+
+    def apply_fn(params, state, x, impl, train, rng):
+        scale, offset = params["scale"], params["offset"]
+        if state is None:
+            y, _ = batch_norm(x, scale, offset, train=True, eps=eps, impl=impl)
+            return y, None
+        _check_state(fn, state, ("mean", "var"))
+        if not train:
+            y = batch_norm(x, scale, offset, mean=state["mean"], var=state["var"], train=False,
+                           eps=eps, impl=impl)
+            return y, state
+        y, batch_stats = batch_norm(x, scale, offset, train=True, eps=eps, impl=impl)
+        batch = dict(zip(("mean", "var"), lax.stop_gradient(batch_stats)))
+        new_state = {k: (momentum * state[k] + (1 - momentum) * batch[k]).astype(state[k].dtype)
+                     for k in ("mean", "var")}
+        return y, new_state
+
+    return _make_layer(fn, init_fn, apply_fn)
+
+
+def LayerNorm(*, axes=-1, eps=1e-5):
+    """Layer normalization (:func:`jaxcnn.layer_norm`) of each example over ``axes``.
+
+    ``axes``: an int or a tuple of ints, counted in the full input shape ``(N, ...)``; the batch
+    axis 0 cannot be one of them. Default: the last (channels or features). ``eps > 0``.
+
+    Params: ``{"scale", "offset"}`` of the input's shape on ``axes`` (ones, zeros); no state.
+    The same in train and eval mode.
+    """
+    fn = "LayerNorm"
+    eps = _shapes.check_float(fn, "eps", eps, minimum=0.0, exclusive_minimum=True)
+    raw = tuple(axes) if isinstance(axes, (list, tuple)) else (axes,)
+    if not raw or not all(map(_shapes.is_int, raw)):
+        raise TypeError(f"{fn}: axes must be an int or a non-empty tuple of ints; got {axes!r}")
+
+    def init_fn(key, input_shape, *, before_relu=False):
+        input_shape = _check_input_shape(fn, input_shape, min_rank=2)
+        norm = _shapes.normalize_axes(fn, axes, input_shape, name="the input")
+        if 0 in norm:
+            raise ValueError(
+                f"{fn}: axes must not include the batch axis 0 (the params would depend on the "
+                f"batch size); got {axes!r} for input_shape {input_shape}"
+            )
+        feature = tuple(input_shape[a] for a in norm)
+        return input_shape, {"scale": _ones(feature), "offset": _zeros(feature)}
+
+    def apply_fn(params, x, *, impl="manual"):
+        return layer_norm(x, params["scale"], params["offset"], axes=axes, eps=eps, impl=impl)
+
+    return _stateless(fn, init_fn, apply_fn)
+
+
+def Dropout(rate):
+    """Inverted dropout (:func:`jaxcnn.dropout`) in train mode, the identity in eval mode.
+
+    **``rate`` is the probability of dropping** an element (kept ones are scaled by
+    ``1 / (1 − rate)``). This is the opposite of ``stax.Dropout(rate)``, whose ``rate`` is the
+    probability of keeping: ``stax.Dropout(0.9)`` is ``Dropout(0.1)`` here.
+
+    ``apply(..., train=True, rng=key)`` draws the mask from ``rng`` (required then);
+    ``train=False`` (the default) returns ``x``. No params (``{}``), no state.
+    """
+    fn = "Dropout"
+    rate = _shapes.check_rate(fn, rate)
+
+    def init_fn(key, input_shape, before_relu):
+        input_shape = _check_input_shape(fn, input_shape, min_rank=1)
+        return input_shape, {}, {}
+
+    def apply_fn(params, state, x, impl, train, rng):
+        if not train or rate == 0.0:
+            return x, state
+        if rng is None:
+            raise ValueError(
+                f"{fn}: train=True needs rng, the PRNG key the dropout mask is drawn from "
+                f"(apply(params, x, train=True, rng=key)); got rng=None"
+            )
+        return dropout(x, rate, rng, impl=impl), state
+
+    return _make_layer(fn, init_fn, apply_fn)
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,7 +391,7 @@ def _parameterless(fn, op) -> Layer:
     def apply_fn(params, x, *, impl="manual"):
         return op(x, impl)
 
-    return Layer(init_fn, apply_fn)
+    return _stateless(fn, init_fn, apply_fn)
 
 
 Relu = _parameterless("Relu", lambda x, impl: relu(x, impl=impl))
@@ -230,52 +442,177 @@ def Softmax(axis=-1):
 
 
 # --------------------------------------------------------------------------------------------
-# Composition.
+# Composition: chains, branches, and the entry point for training code.
 
 
 def serial(*layers):
     """Chain layers: ``apply`` feeds each layer's output to the next.
 
-    Params are a list with one entry per layer (``{}`` for parameterless ones). The ``init``
-    of a layer directly followed by :data:`Relu` is called with ``before_relu=True`` (so a
-    ``Conv`` or ``Dense`` with ``init=None`` gets He initialisation), and ``serial``'s own
-    ``init`` accepts ``before_relu`` and passes it on to its last layer. Other ``(init, apply)``
-    pairs (for instance written for stax) work too; they are called without ``before_relu``.
+    Params and state are lists with one entry per layer (``{}`` for layers without any). The
+    ``init`` of a layer directly followed by :data:`Relu` is called with ``before_relu=True``
+    (so a ``Conv`` or ``Dense`` with ``init=None`` gets He initialisation), and ``serial``'s own
+    ``init`` accepts ``before_relu`` and passes it on to its last layer. ``apply`` passes
+    ``impl`` and ``train`` to every layer, gives layer ``i`` the key ``fold_in(rng, i)``, and
+    threads the state: layer ``i`` gets ``state[i]`` and its new state is entry ``i`` of the
+    new list.
+
+    Other ``(init, apply)`` pairs (stax's layers, or yours written for stax) work too: their
+    ``init`` is called as ``init(key, input_shape)``, their ``apply`` as ``apply(params, x,
+    impl=..., train=..., rng=...)`` (stax's layers take and ignore keyword arguments), and
+    their state is ``{}``.
     """
     fn = "serial"
-    if not layers:
-        raise ValueError(f"{fn}: needs at least one layer; got none")
-    for i, layer in enumerate(layers):
-        if not (isinstance(layer, tuple) and len(layer) == 2 and all(map(callable, layer))):
-            raise TypeError(
-                f"{fn}: layer {i} must be an (init, apply) pair such as Conv(...) or Relu; got "
-                f"{type(layer).__name__} {layer!r:.80}"
-            )
+    _check_layers(fn, layers)
     followed_by_relu = [layers[i + 1] is Relu for i in range(len(layers) - 1)]
 
-    def init_fn(key, input_shape, *, before_relu=False):
+    def init_fn(key, input_shape, before_relu):
         keys = jax.random.split(key, len(layers))
-        params = []
+        params, state = [], []
         shape = input_shape
         for i, (layer, layer_key) in enumerate(zip(layers, keys)):
             relu_next = followed_by_relu[i] if i < len(layers) - 1 else before_relu
-            kwargs = {"before_relu": True} if relu_next and isinstance(layer, Layer) else {}
-            shape, layer_params = layer[0](layer_key, shape, **kwargs)
+            shape, layer_params, layer_state = _init_child(layer, layer_key, shape, relu_next)
             params.append(layer_params)
-        return shape, params
+            state.append(layer_state)
+        return shape, params, state
+
+    def apply_fn(params, state, x, impl, train, rng):
+        _check_per_layer(fn, "params", params, len(layers))
+        states = [None] * len(layers) if state is None else state
+        if state is not None:
+            _check_per_layer(fn, "state", state, len(layers))
+        new_state = []
+        for i, (layer, p, s) in enumerate(zip(layers, params, states)):
+            x, s = _apply_child(layer, p, s, x, impl, train, _fold_in(rng, i))
+            new_state.append(s)
+        return x, new_state
+
+    return _make_layer(fn, init_fn, apply_fn)
+
+
+def parallel(*layers):
+    """Apply ``layers[i]`` to the ``i``-th of a list of inputs: ``[x_0, ..., x_{n-1}] ->
+    [layers[0](x_0), ..., layers[n-1](x_{n-1})]``; ``input_shape`` is the list of the inputs'
+    shapes. Params and state are lists with one entry per layer, keys ``fold_in(rng, i)``, as
+    in :func:`serial`. With :data:`FanOut` before and :data:`FanInSum` after, the branches of a
+    residual block (module docstring)."""
+    fn = "parallel"
+    _check_layers(fn, layers)
+
+    def init_fn(key, input_shape, before_relu):
+        _check_branches(fn, "input_shape", input_shape, len(layers))
+        keys = jax.random.split(key, len(layers))
+        shapes, params, state = zip(*(_init_child(layer, k, shape, before_relu)
+                                      for layer, k, shape in zip(layers, keys, input_shape)))
+        return list(shapes), list(params), list(state)
+
+    def apply_fn(params, state, x, impl, train, rng):
+        _check_branches(fn, "x", x, len(layers))
+        _check_per_layer(fn, "params", params, len(layers))
+        states = [None] * len(layers) if state is None else state
+        if state is not None:
+            _check_per_layer(fn, "state", state, len(layers))
+        ys, new_state = zip(*(_apply_child(layer, p, s, xi, impl, train, _fold_in(rng, i))
+                              for i, (layer, p, s, xi) in enumerate(zip(layers, params, states,
+                                                                         x))))
+        return list(ys), list(new_state)
+
+    return _make_layer(fn, init_fn, apply_fn)
+
+
+def FanOut(n):
+    """``x -> [x] * n``: ``n`` copies of the input, one per branch of a :func:`parallel`."""
+    fn = "FanOut"
+    n = _shapes.check_int(fn, "n", n, minimum=1)
+    return _stateless(fn, lambda key, shape, *, before_relu=False: ([shape] * n, {}),
+                      lambda params, x, *, impl="manual": [x] * n)
+
+
+def _fan_in_sum_init(key, input_shape, *, before_relu=False):
+    fn = "FanInSum"
+    _check_branches(fn, "input_shape", input_shape)
+    if any(tuple(s) != tuple(input_shape[0]) for s in input_shape):
+        raise ValueError(f"{fn}: the branches must have equal shapes to be added; got "
+                         f"{[tuple(s) for s in input_shape]}")
+    return tuple(input_shape[0]), {}
+
+
+def _fan_in_sum_apply(params, x, *, impl="manual"):
+    _check_branches("FanInSum", "x", x)
+    return sum(x[1:], x[0])
+
+
+FanInSum = _stateless("FanInSum", _fan_in_sum_init, _fan_in_sum_apply)
+"""``[x_0, ..., x_{n-1}] -> x_0 + ... + x_{n-1}`` (equal shapes). A constant layer, as in
+stax: write ``FanInSum``; it joins the branches of a residual block."""
+
+
+def FanInConcat(axis=-1):
+    """``[x_0, ..., x_{n-1}] -> concatenate(x_i, axis)``: the branches joined along ``axis``
+    (default the channels); every other dim must agree. ``axis`` counts in the full shape
+    ``(N, ...)``, and cannot be the batch axis."""
+    fn = "FanInConcat"
+    axis = _shapes.check_int(fn, "axis", axis)
+
+    def init_fn(key, input_shape, *, before_relu=False):
+        _check_branches(fn, "input_shape", input_shape)
+        shapes = [tuple(s) for s in input_shape]
+        rank = len(shapes[0])
+        if (any(len(s) != rank for s in shapes) or not -rank <= axis < rank
+                or axis % rank == 0):
+            raise ValueError(f"{fn}: the branches must have one rank and axis ({axis}) must be "
+                             f"one of their non-batch axes; got shapes {shapes}")
+        a = axis % rank
+        if any(s[:a] + s[a + 1:] != shapes[0][:a] + shapes[0][a + 1:] for s in shapes):
+            raise ValueError(f"{fn}: the branches must agree on every dim but axis {axis}; got "
+                             f"shapes {shapes}")
+        return (*shapes[0][:a], sum(s[a] for s in shapes), *shapes[0][a + 1:]), {}
 
     def apply_fn(params, x, *, impl="manual"):
-        if not isinstance(params, (list, tuple)) or len(params) != len(layers):
-            raise ValueError(
-                f"{fn}: params must be a list with one entry per layer ({len(layers)}); got "
-                f"{type(params).__name__} of length "
-                f"{len(params) if hasattr(params, '__len__') else 'n/a'}"
-            )
-        for (_, layer_apply), layer_params in zip(layers, params):
-            x = layer_apply(layer_params, x, impl=impl)
-        return x
+        _check_branches(fn, "x", x)
+        return jnp.concatenate(x, axis=axis)
 
-    return Layer(init_fn, apply_fn)
+    return _stateless(fn, init_fn, apply_fn)
+
+
+Identity = _stateless("Identity", lambda key, shape, *, before_relu=False: (shape, {}),
+                      lambda params, x, *, impl="manual": x)
+"""``x -> x``, e.g. the shortcut of a residual block. A constant layer: write ``Identity``."""
+
+
+def apply_model(apply, params, state, x, *, train, rng=None, impl="manual"):
+    """Run a model built from this module in train or eval mode: ``(y, new_state)``.
+
+    The one call training code needs, for every model here, with or without state (a model
+    without state has ``state`` such as ``[{}, {}, ...]`` and gets it back unchanged):
+
+    - ``apply``: the model's ``apply`` (e.g. ``jaxcnn.models.resnet().apply``).
+    - ``params``, ``state``: from ``init(key, input_shape, with_state=True) -> (output_shape,
+      params, state)``. Differentiate with respect to ``params`` only, and carry ``state``
+      beside them: ``jax.value_and_grad(loss, has_aux=True)`` with ``loss`` returning
+      ``(value, new_state)``. ``state`` is a pytree of arrays like ``params`` (save it, shard it
+      and replicate it the same way); it is never changed in place.
+    - ``train``: a Python bool (static under ``jit``). True in the training step: batch norm
+      normalizes with the batch statistics and moves its running averages, dropout drops.
+      False for evaluation: batch norm uses the running averages, dropout is off, and
+      ``new_state`` holds the very arrays of ``state``.
+    - ``rng``: a PRNG key, needed with ``train=True`` when the model has ``Dropout`` (derive a
+      fresh one per step, e.g. ``jax.random.fold_in(key, step)``); otherwise None.
+    - ``impl``: ``"manual"`` or ``"lax"``, for every layer.
+
+    Under data parallelism (a batch sharded over devices, one jitted step), batch norm's
+    statistics are means over the whole global batch, as on one device: XLA reduces across
+    the devices.
+    """
+    fn = "apply_model"
+    train = _shapes.check_bool(fn, "train", train)
+    impl = _shapes.check_impl(fn, impl)
+    if state is None:
+        raise ValueError(
+            f"{fn}: state is required (the model's non-trainable state, from init(key, "
+            f"input_shape, with_state=True)); got None"
+        )
+    return apply(params, x, impl=impl, train=train, rng=rng, state=state)
 
 
 def count_params(params) -> int:
@@ -321,9 +658,15 @@ def _scale_to_shape(samples, std, *, shape):
     return std * samples[: math.prod(shape)].reshape(shape)
 
 
-def _zeros(n: int):
-    """A float32 zero bias, put on the device without compiling anything."""
-    return jnp.asarray(np.zeros((n,), np.float32))
+def _zeros(n):
+    """Float32 zeros of shape ``n`` (an int or a tuple), put on the device without compiling
+    anything."""
+    return jnp.asarray(np.zeros(n, np.float32))
+
+
+def _ones(n):
+    """Float32 ones of shape ``n``, like :func:`_zeros`."""
+    return jnp.asarray(np.ones(n, np.float32))
 
 
 def _eval_shape(op, input_shape, *param_shapes) -> tuple[int, ...]:
@@ -390,3 +733,95 @@ def _check_padding(fn, padding):
 def _check_init(fn, init):
     if init is not None:
         _shapes.check_choice(fn, "init", init, INITS)
+
+
+def _check_spatial_dims_agree(fn, nd, window, **tuples):
+    """Each option given per spatial dim (a tuple) must have the window's ``nd`` entries."""
+    for name, value in tuples.items():
+        if isinstance(value, (list, tuple)) and len(value) != nd:
+            raise ValueError(
+                f"{fn}: {name} {value!r} has {len(value)} entries (one per spatial dim), but "
+                f"window {window!r} means {nd} spatial dims; give window as a tuple of "
+                f"{len(value)} ints for a {len(value)}-D layer"
+            )
+
+
+def _check_spatial_rank(fn, input_shape, nd, window):
+    """The input must have rank ``nd + 2``, ``(N, *spatial, C)``, for an ``nd``-D window."""
+    if len(input_shape) != nd + 2:
+        hint = ""
+        if len(input_shape) == nd + 1:
+            hint = (f"; is the batch axis missing? (-1, {', '.join(map(str, input_shape))}) "
+                    f"means any batch size")
+        raise ValueError(
+            f"{fn}: input_shape must have rank {nd + 2}, (N, *spatial, C_in) with {nd} spatial "
+            f"dims for window {window!r} (an int window is 2-D; a tuple of 1 or 3 ints makes a "
+            f"1-D or 3-D layer); got {tuple(input_shape)} (rank {len(input_shape)}){hint}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers of the combinators: children that are ours or stax's, lists, keys and state.
+
+
+def _init_child(layer, key, input_shape, before_relu):
+    """``(output_shape, params, state)`` of a child layer; a foreign (stax) one has state
+    ``{}`` and is not told ``before_relu``."""
+    if isinstance(layer, Layer):
+        return layer.init(key, input_shape, before_relu=before_relu, with_state=True)
+    output_shape, params = layer[0](key, input_shape)
+    return output_shape, params, {}
+
+
+def _apply_child(layer, params, state, x, impl, train, rng):
+    """``(y, new_state)`` of a child layer; ``state`` None (no state kept) stays None."""
+    if not isinstance(layer, Layer):
+        return layer[1](params, x, impl=impl, train=train, rng=rng), state
+    if state is None:
+        return layer.apply(params, x, impl=impl, train=train, rng=rng), None
+    return layer.apply(params, x, impl=impl, train=train, rng=rng, state=state)
+
+
+def _fold_in(rng, i):
+    """Layer ``i``'s key: ``fold_in(rng, i)`` (None without a key)."""
+    return None if rng is None else jax.random.fold_in(rng, i)
+
+
+def _check_layers(fn, layers):
+    if not layers:
+        raise ValueError(f"{fn}: needs at least one layer; got none")
+    for i, layer in enumerate(layers):
+        if not (isinstance(layer, tuple) and len(layer) == 2 and all(map(callable, layer))):
+            raise TypeError(
+                f"{fn}: layer {i} must be an (init, apply) pair such as Conv(...) or Relu; got "
+                f"{type(layer).__name__} {layer!r:.80}"
+            )
+
+
+def _check_per_layer(fn, name, value, n):
+    if not isinstance(value, (list, tuple)) or len(value) != n:
+        raise ValueError(
+            f"{fn}: {name} must be a list with one entry per layer ({n}); got "
+            f"{type(value).__name__} of length "
+            f"{len(value) if hasattr(value, '__len__') else 'n/a'}"
+        )
+
+
+def _check_branches(fn, name, value, n=None):
+    """``value`` must be a list (or tuple) of branches: ``n`` of them when given, else >= 1."""
+    entry = (list, tuple) if name == "input_shape" else object   # shapes, or arrays
+    if (not isinstance(value, (list, tuple)) or not value or (n is not None and len(value) != n)
+            or not all(isinstance(v, entry) for v in value)):
+        want = f"{n} branches" if n is not None else "at least one branch"
+        raise ValueError(
+            f"{fn}: {name} must be a list with one entry per branch ({want}), as FanOut or "
+            f"parallel gives; got {type(value).__name__} {value!r:.80}"
+        )
+
+
+def _check_state(fn, state, keys):
+    if not isinstance(state, dict) or set(state) != set(keys):
+        raise ValueError(
+            f"{fn}: state must be a dict with the keys {list(keys)}, as init(key, input_shape, "
+            f"with_state=True) gives; got {type(state).__name__} {state!r:.80}"
+        )

@@ -29,7 +29,7 @@ SHAPE_CASES = [
     (Conv(4, (3, 2), stride=(2, 1), padding=((1, 0), (0, 2))), (2, 7, 6, 2), (2, 3, 7, 4)),
     (Conv(6, 3, dilation=2), (1, 9, 9, 3), (1, 5, 5, 6)),                    # k_eff = 5
     (Conv(4, 3, groups=2, padding=1), (1, 5, 5, 2), (1, 5, 5, 4)),
-    (Conv(3, 3), (2, 8, 2), (2, 6, 3)),                                      # 1 spatial dim
+    (Conv(3, (3,)), (2, 8, 2), (2, 6, 3)),                                   # 1 spatial dim
     (MaxPool(2), (2, 7, 7, 3), (2, 3, 3, 3)),                                # stride = window
     (MaxPool(3, stride=2), (2, 7, 7, 3), (2, 3, 3, 3)),
     (AvgPool(2, stride=1, padding="SAME"), (2, 5, 5, 3), (2, 5, 5, 3)),
@@ -268,3 +268,303 @@ def test_init_errors_name_the_layer_or_op():
     with pytest.raises(ValueError, match=r"serial: params must be a list with one entry per "
                                          r"layer \(2\); got list of length 1"):
         serial(Dense(2), Relu).apply([{}], jnp.ones((1, 2)))
+
+
+# ------------------------------------------------------------------------------------------
+# The stateful contract: params for the optimizer, state beside them, train and eval modes.
+
+from jax.example_libraries import stax  # noqa: E402
+
+from jaxcnn.nn import (BatchNorm, Dropout, FanInConcat, FanInSum, FanOut,  # noqa: E402
+                       Identity, LayerNorm, apply_model, parallel)
+
+
+def test_init_with_state_and_apply_with_state():
+    init, apply = serial(Conv(3, 3, use_bias=False), BatchNorm(), Relu, Flatten, Dense(2))
+    out_shape, params = init(KEY, (-1, 6, 6, 1))
+    out_shape2, params2, state = init(KEY, (-1, 6, 6, 1), with_state=True)
+    assert out_shape == out_shape2 == (-1, 2)
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params2)):
+        np.testing.assert_array_equal(a, b)
+    assert params[0] == {"kernel": params[0]["kernel"]}            # use_bias=False: no bias
+    assert set(params[1]) == {"scale", "offset"} and len(state) == 5
+    np.testing.assert_array_equal(state[1]["mean"], np.zeros(3))
+    np.testing.assert_array_equal(state[1]["var"], np.ones(3))
+    assert [s for i, s in enumerate(state) if i != 1] == [{}] * 4
+    x = rand((4, 6, 6, 1))
+    y = apply(params, x)                                            # no state: y alone
+    y2, new_state = apply(params, x, state=state)                   # state: (y, new state)
+    assert y.shape == y2.shape == (4, 2)
+    assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
+
+
+def test_batch_norm_layer_train_eval_and_no_state():
+    init, apply = BatchNorm()
+    x = rand((8, 3, 3, 2)) * 3 + 5
+    _, params, state = init(KEY, x.shape, with_state=True)
+    y_train, moved = apply(params, x, train=True, state=state)
+    np.testing.assert_allclose(np.mean(y_train, axis=(0, 1, 2)), 0, atol=1e-5)
+    np.testing.assert_allclose(np.std(y_train, axis=(0, 1, 2)), 1, rtol=1e-3)
+    y_eval, same = apply(params, x, train=False, state=state)
+    assert same is state                                            # eval: state unchanged
+    # Fresh running statistics (mean 0, var 1): eval mode is x / sqrt(1 + eps).
+    np.testing.assert_allclose(y_eval, x / np.sqrt(1 + 1e-5), rtol=1e-6)
+    # Without state (stax style), both modes use the batch statistics.
+    for train in (True, False):
+        np.testing.assert_allclose(apply(params, x, train=train), y_train, rtol=1e-6)
+    assert not np.allclose(moved["mean"], state["mean"])
+
+
+def test_running_averages_follow_the_hand_computation():
+    # new = momentum · old + (1 - momentum) · batch, batch variance biased (divided by M).
+    momentum = 0.8
+    init, apply = BatchNorm(momentum=momentum)
+    _, params, state = init(KEY, (-1, 4, 3), with_state=True)
+    mean, var = np.zeros(3), np.ones(3)
+    step = jax.jit(lambda p, s, x: apply(p, x, train=True, state=s))
+    for i in range(4):
+        x = np.random.default_rng(i).normal(i, 1 + i, size=(5, 4, 3)).astype(np.float32)
+        _, state = step(params, state, x)
+        mean = momentum * mean + (1 - momentum) * x.mean(axis=(0, 1))
+        var = momentum * var + (1 - momentum) * x.var(axis=(0, 1))
+        np.testing.assert_allclose(state["mean"], mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(state["var"], var, rtol=1e-5)
+        assert state["mean"].dtype == np.float32
+    # Eval mode then normalizes with exactly these running averages.
+    x = rand((2, 4, 3))
+    want = (np.asarray(x) - mean) / np.sqrt(var + 1e-5)
+    np.testing.assert_allclose(apply(params, x, state=state)[0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_params_and_state_round_trip_through_savez(tmp_path):
+    init, apply = serial(Conv(3, 3, padding="SAME"), BatchNorm(), Relu, Flatten, Dense(2))
+    _, params, state = init(KEY, (-1, 5, 5, 1), with_state=True)
+    x = rand((4, 5, 5, 1))
+    _, state = apply(params, x, train=True, state=state)            # non-trivial statistics
+    trees = {"params": params, "state": state}
+    flat = {name + jax.tree_util.keystr(k): np.asarray(v) for name, tree in trees.items()
+            for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    np.savez(tmp_path / "model.npz", **flat)
+    with np.load(tmp_path / "model.npz") as f:
+        loaded = {name: jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(tree),
+            [f[name + jax.tree_util.keystr(k)]
+             for k, _ in jax.tree_util.tree_flatten_with_path(tree)[0]])
+            for name, tree in trees.items()}
+    assert "state[1]['mean']" in flat and "state[1]['var']" in flat
+    want, _ = apply(params, x, state=state)
+    got, _ = apply(loaded["params"], x, state=loaded["state"])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_apply_model_for_stateless_and_stateful_models():
+    x = rand((3, 6, 6, 1))
+    init, apply = _tiny_net()
+    _, params, state = init(KEY, x.shape, with_state=True)
+    y, same = apply_model(apply, params, state, x, train=True)
+    np.testing.assert_array_equal(y, apply(params, x))
+    assert same == state == [{}] * 7
+    init, apply = serial(Conv(2, 3), BatchNorm(), Relu, Flatten, Dropout(0.5), Dense(2))
+    _, params, state = init(KEY, x.shape, with_state=True)
+    y_eval, s_eval = apply_model(apply, params, state, x, train=False)
+    y_train, s_train = apply_model(apply, params, state, x, train=True, rng=KEY, impl="lax")
+    assert not np.allclose(y_eval, y_train)
+    assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(s_eval),   # eval: unchanged
+                                      jax.tree_util.tree_leaves(state)))
+    assert not np.allclose(s_train[1]["mean"], state[1]["mean"])
+    with pytest.raises(ValueError, match=r"Dropout: train=True needs rng, the PRNG key the "
+                                         r"dropout mask is drawn from"):
+        apply_model(apply, params, state, x, train=True)
+    with pytest.raises(ValueError, match=r"apply_model: state is required \(the model's "
+                                         r"non-trainable state, from init\(key, input_shape, "
+                                         r"with_state=True\)\); got None"):
+        apply_model(apply, params, None, x, train=True)
+    with pytest.raises(TypeError, match=r"apply_model: train must be a bool; got 'yes'"):
+        apply_model(apply, params, state, x, train="yes")
+
+
+def test_gradient_in_train_mode_manual_equals_lax():
+    init, apply = serial(Conv(3, 3, padding="SAME", use_bias=False), BatchNorm(), Relu,
+                         Flatten, LayerNorm(), Dropout(0.3), Dense(2))
+    x = rand((4, 5, 5, 2))
+    _, params, state = init(KEY, x.shape, with_state=True)
+
+    @jax.jit
+    def grads(params):
+        out = {}
+        for impl in ("manual", "lax"):
+            loss = lambda p: (lambda y, s: (jnp.sum(y ** 2), s))(  # noqa: E731
+                *apply_model(apply, p, state, x, train=True, rng=KEY, impl=impl))
+            out[impl] = jax.grad(loss, has_aux=True)(params)
+        return out
+
+    out = grads(params)
+    for a, b in zip(jax.tree_util.tree_leaves(out["manual"]), jax.tree_util.tree_leaves(out["lax"])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_layer_modes_and_keys_per_layer():
+    init, apply = serial(Dropout(0.5), Dropout(0.5))
+    x = jnp.ones((4, 256))
+    _, params = init(KEY, x.shape)
+    np.testing.assert_array_equal(apply(params, x), x)              # eval (default): identity
+    y = apply(params, x, train=True, rng=KEY)
+    np.testing.assert_array_equal(y, apply(params, x, train=True, rng=KEY))
+    assert set(np.unique(y)) <= {0.0, 4.0}                          # kept twice: 1 / 0.5²
+    # serial gives layer i fold_in(rng, i): two layers, two different masks.
+    first = Dropout(0.5).apply({}, x, train=True, rng=jax.random.fold_in(KEY, 0))
+    second = Dropout(0.5).apply({}, first, train=True, rng=jax.random.fold_in(KEY, 1))
+    np.testing.assert_array_equal(y, second)
+    assert not np.array_equal(first != 0, (second != 0) | (first == 0))
+
+
+def test_layer_norm_layer():
+    init, apply = LayerNorm(axes=(1, 2))
+    x = rand((3, 4, 5, 2))
+    _, params = init(KEY, x.shape)
+    assert params["scale"].shape == params["offset"].shape == (4, 5)
+    np.testing.assert_allclose(apply(params, x), jc.layer_norm(
+        x, params["scale"], params["offset"], axes=(1, 2)), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# Combinators: branches for residual blocks.
+
+
+def test_residual_block_adds_the_shortcut():
+    main = serial(Conv(2, 3, padding="SAME"), Relu, Conv(2, 3, padding="SAME"))
+    init, apply = serial(FanOut(2), parallel(main, Identity), FanInSum, Relu)
+    x = rand((2, 5, 5, 2))
+    shape, params = init(KEY, x.shape)
+    assert shape == x.shape and params[0] == {} and params[1][1] == {}
+    want = jnp.maximum(main.apply(params[1][0], x, impl="lax") + x, 0)
+    np.testing.assert_allclose(apply(params, x, impl="lax"), want, rtol=1e-6)
+
+
+def test_fan_in_concat_and_parallel_shapes():
+    init, apply = serial(FanOut(3), parallel(Conv(2, 1), Identity, Conv(4, 3, padding="SAME")),
+                         FanInConcat())
+    x = rand((2, 4, 4, 3))
+    shape, params = init(KEY, (-1, 4, 4, 3))
+    assert shape == (-1, 4, 4, 9)
+    y = apply(params, x)
+    assert y.shape == (2, 4, 4, 9)
+    np.testing.assert_array_equal(y[..., 2:5], x)
+    init, _ = FanInConcat(axis=1)
+    assert init(KEY, [(2, 3, 5), (2, 4, 5)])[0] == (2, 7, 5)
+
+
+def test_stateful_layers_inside_parallel_thread_their_state():
+    init, apply = serial(FanOut(2), parallel(BatchNorm(), serial(Relu, BatchNorm())), FanInSum)
+    x = rand((6, 3))
+    _, params, state = init(KEY, x.shape, with_state=True)
+    _, new = apply(params, x, train=True, state=state)
+    np.testing.assert_allclose(new[1][0]["mean"], 0.1 * np.mean(x, axis=0), rtol=1e-5)
+    np.testing.assert_allclose(new[1][1][1]["mean"], 0.1 * np.mean(np.maximum(x, 0), axis=0),
+                               rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# stax interoperability: jaxcnn layers in stax.serial, stax layers in jaxcnn's serial.
+
+
+def test_jaxcnn_layers_inside_stax_serial():
+    init, apply = stax.serial(Conv(4, 3, padding="SAME"), stax.Relu, BatchNorm(), Dropout(0.5),
+                              stax.Flatten, Dense(3))
+    out_shape, params = init(KEY, (-1, 6, 6, 1))
+    assert out_shape == (-1, 3)
+    x = rand((2, 6, 6, 1))
+    y = apply(params, x, rng=KEY)                    # stax passes rng=...: no TypeError now
+    assert y.shape == (2, 3)
+    y_train = apply(params, x, rng=KEY, train=True)  # dropout only when asked for by name
+    assert not np.allclose(y, y_train)
+    # Without dropout, the same params give what jaxcnn's serial gives (BatchNorm without
+    # state: batch statistics, in both).
+    layers = (Conv(4, 3, padding="SAME"), Relu, BatchNorm(), Flatten, Dense(3))
+    p = [params[0], (), params[2], (), params[5]]
+    ours = serial(*layers).apply([params[0], {}, params[2], {}, params[5]], x, impl="lax")
+    theirs = stax.serial(layers[0], stax.Relu, layers[2], stax.Flatten, layers[4])[1](
+        p, x, rng=KEY, impl="lax")
+    np.testing.assert_allclose(theirs, ours, rtol=1e-6)
+
+
+def test_stax_layers_inside_jaxcnn_serial_with_state():
+    init, apply = serial(Conv(2, 3), stax.Relu, BatchNorm(), stax.Flatten, Dense(2))
+    _, params, state = init(KEY, (-1, 5, 5, 1), with_state=True)
+    assert state[1] == {} and state[3] == {}
+    x = rand((3, 5, 5, 1))
+    y, new_state = apply(params, x, train=True, state=state)
+    assert y.shape == (3, 2) and new_state[1] == {}
+    assert not np.allclose(new_state[2]["mean"], state[2]["mean"])
+
+
+# ------------------------------------------------------------------------------------------
+# Errors of the new layers and of the wrong-rank init.
+
+
+def test_wrong_rank_init_names_the_expected_rank():
+    with pytest.raises(ValueError, match=r"Conv: input_shape must have rank 4, \(N, \*spatial, "
+                                         r"C_in\) with 2 spatial dims for window 3 .*got "
+                                         r"\(28, 28, 1\) \(rank 3\); is the batch axis missing\? "
+                                         r"\(-1, 28, 28, 1\) means any batch size"):
+        Conv(6, 3).init(KEY, (28, 28, 1))
+    with pytest.raises(ValueError, match=r"Conv: input_shape must have rank 3, .* with 1 "
+                                         r"spatial dims for window \(3,\)"):
+        Conv(6, (3,)).init(KEY, (1, 28, 28, 1))
+    with pytest.raises(ValueError, match=r"Conv: input_shape must have rank 5"):
+        Conv(6, (3, 3, 3)).init(KEY, (1, 8, 8, 1))
+    assert Conv(6, (3, 3, 3)).init(KEY, (1, 8, 8, 8, 1))[0] == (1, 6, 6, 6, 6)
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: Conv(4, 3, stride=(2, 2, 2)), ValueError,
+     r"Conv: stride \(2, 2, 2\) has 3 entries \(one per spatial dim\), but window 3 means 2 "
+     r"spatial dims; give window as a tuple of 3 ints for a 3-D layer"),
+    (lambda: Conv(4, 3, use_bias=1), TypeError, r"Conv: use_bias must be a bool; got 1"),
+    (lambda: BatchNorm(momentum=1.5), ValueError,
+     r"BatchNorm: momentum must be a finite number in \[0, 1\]; got 1.5"),
+    (lambda: BatchNorm(eps=0), ValueError, r"BatchNorm: eps must be a finite number > 0; got 0"),
+    (lambda: LayerNorm(axes="last"), TypeError,
+     r"LayerNorm: axes must be an int or a non-empty tuple of ints; got 'last'"),
+    (lambda: Dropout(1.2), ValueError, r"Dropout: rate must be a finite number in \[0, 1\] "
+                                       r"\(the probability of dropping an element\); got 1.2"),
+    (lambda: Dropout("0.5"), TypeError, r"Dropout: rate must be a Python number"),
+    (lambda: FanOut(0), ValueError, r"FanOut: n must be >= 1; got 0"),
+    (lambda: FanInConcat(axis=1.0), TypeError, r"FanInConcat: axis must be an int"),
+    (lambda: parallel(), ValueError, r"parallel: needs at least one layer; got none"),
+    (lambda: parallel(Relu, "x"), TypeError, r"parallel: layer 1 must be an \(init, apply\) pair"),
+])
+def test_bad_new_layer_arguments(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_bad_shapes_and_state_of_new_layers():
+    with pytest.raises(ValueError, match=r"FanInSum: the branches must have equal shapes to be "
+                                         r"added; got \[\(2, 3\), \(2, 4\)\]"):
+        FanInSum.init(KEY, [(2, 3), (2, 4)])
+    with pytest.raises(ValueError, match=r"FanInSum: input_shape must be a list with one entry "
+                                         r"per branch \(at least one branch\), as FanOut or "
+                                         r"parallel gives; got tuple \(2, 3\)"):
+        FanInSum.init(KEY, (2, 3))
+    with pytest.raises(ValueError, match=r"parallel: x must be a list with one entry per branch "
+                                         r"\(2 branches\)"):
+        parallel(Relu, Relu).apply([{}, {}], [jnp.ones(2)])
+    with pytest.raises(ValueError, match=r"FanInConcat: the branches must agree on every dim "
+                                         r"but axis -1; got shapes \[\(2, 3\), \(3, 3\)\]"):
+        FanInConcat().init(KEY, [(2, 3), (3, 3)])
+    with pytest.raises(ValueError, match=r"FanInConcat: .*axis \(0\) must be one of their "
+                                         r"non-batch axes"):
+        FanInConcat(axis=0).init(KEY, [(2, 3), (2, 3)])
+    with pytest.raises(ValueError, match=r"LayerNorm: axes must not include the batch axis 0"):
+        LayerNorm(axes=(0, 1)).init(KEY, (2, 3))
+    _, params, state = BatchNorm().init(KEY, (2, 3), with_state=True)
+    with pytest.raises(ValueError, match=r"BatchNorm: state must be a dict with the keys "
+                                         r"\['mean', 'var'\], as init\(key, input_shape, "
+                                         r"with_state=True\) gives; got dict"):
+        BatchNorm().apply(params, jnp.ones((2, 3)), state={"mean": state["mean"]})
+    with pytest.raises(ValueError, match=r"serial: state must be a list with one entry per "
+                                         r"layer \(2\); got dict"):
+        serial(BatchNorm(), Relu).apply([params, {}], jnp.ones((2, 3)), state={})
+    with pytest.raises(TypeError, match=r"BatchNorm: train must be a bool; got 'eval'"):
+        BatchNorm().apply(params, jnp.ones((2, 3)), train="eval")

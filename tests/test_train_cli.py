@@ -158,7 +158,7 @@ def test_bad_distributed_settings_exit_1_before_anything_starts(argv, match, tmp
     (["--dataset", "cifar10"], r"argument --dataset: invalid choice: 'cifar10' \(choose from "
                                r"'?synthetic'?, '?mnist'?, '?fashion_mnist'?\)"),
     (["--model", "vgg"], r"argument --model: invalid choice: 'vgg' \(choose from '?lenet5'?, "
-                         r"'?small_cnn'?\)"),
+                         r"'?small_cnn'?, '?resnet'?\)"),
     (["--optimizer", "rmsprop"], r"argument --optimizer: invalid choice: 'rmsprop' \(choose "
                                  r"from '?adam'?, '?sgd'?, '?momentum'?\)"),
     (["--impl", "cuda"], r"argument --impl: invalid choice: 'cuda'"),
@@ -376,7 +376,7 @@ def test_kill_9_between_checkpoint_and_metrics_leaves_them_consistent(processes)
 
 def test_sigterm_to_a_single_process_says_what_is_kept_and_exits_143(processes):
     out = processes["dir"] / "terminated"
-    proc, (stdout, stderr) = processes["procs"]["terminated"], processes["results"]["terminated"]
+    proc, (_, stderr) = processes["procs"]["terminated"], processes["results"]["terminated"]
     assert proc.returncode == 143, stderr
     checkpoint = re.escape(str(out / "checkpoint.npz"))
     found = re.search(rf"^train\.py: fit: terminated \(SIGTERM\) (in|after) epoch (\d+) of 1000; "

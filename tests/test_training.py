@@ -75,7 +75,7 @@ def tree_equal(a, b):
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(model="vgg16"), ValueError, r"TrainConfig: model must be one of \('lenet5', 'small_cnn'\); got 'vgg16'"),
+    (dict(model="vgg16"), ValueError, r"TrainConfig: model must be one of \('lenet5', 'small_cnn', 'resnet'\); got 'vgg16'"),
     (dict(dataset="cifar10"), ValueError, r"TrainConfig: dataset must be one of \('synthetic', 'mnist', 'fashion_mnist'\); got 'cifar10'"),
     (dict(optimizer="rmsprop"), ValueError, r"TrainConfig: optimizer must be one of \('adam', 'sgd', 'momentum'\); got 'rmsprop'"),
     (dict(impl="cuda"), ValueError, r"TrainConfig: impl must be one of \('lax', 'manual'\); got 'cuda'"),

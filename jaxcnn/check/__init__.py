@@ -13,9 +13,10 @@ cotangent of (a) the custom VJP and compares it, argument by argument, with
   through the manual forward and ``Jᵀ·u`` from the custom VJP,
 
 and the forward outputs of both impls. It prints one row per configuration, a summary line, an
-end-to-end section (the LeNet-5 loss gradient, every layer manual vs every layer lax) and exits
-1 if anything fails. Options: ``--op NAME`` (repeatable), ``--dtype {float64,float32}``,
-``--quick``, ``--json FILE``, ``--explain`` (the lecture's worked example, with numbers).
+end-to-end section per model (the LeNet-5 loss gradient and the ResNet's in train mode, every
+layer manual vs every layer lax) and exits 1 if anything fails. Options: ``--op NAME``
+(repeatable), ``--dtype {float64,float32}``, ``--quick``, ``--json FILE``, ``--explain`` (the
+lecture's worked example, with numbers).
 
 :func:`check_vjp` runs the same comparisons for any new op with a hand-derived VJP.
 

@@ -5,9 +5,11 @@ embedded digits is computed twice, every layer (and the loss) on ``impl="manual"
 layer on ``impl="lax"``, and compared parameter by parameter; the loss values are compared too
 (the ``fwd`` column). ``python -m jaxcnn.check`` runs every model here after the grid.
 
-How to add a model (say a ResNet from :mod:`jaxcnn.models`): add one entry to :data:`MODELS`,
-``"resnet": Model("resnet", "the ResNet loss", models.resnet)``, where the third field builds
-the ``(init, apply)`` pair and ``apply(params, x, impl=...)`` gives the logits. A model that
+How to add a model: add one entry to :data:`MODELS`, e.g. ``"lenet5": Model("lenet5", "the
+LeNet-5 loss", models.lenet5)``, where the third field builds the ``(init, apply)`` pair. The
+logits come from :func:`jaxcnn.nn.apply_model` with the state ``init(..., with_state=True)``
+gives and the mode ``train`` (default False); a model with batch norm sets ``train=True`` to
+check the training-mode gradient (batch statistics, the derivation that matters). A model that
 needs another input than 16 embedded digits gives its own ``batch`` function.
 """
 
@@ -23,6 +25,7 @@ import numpy as np
 from .. import models
 from ..data import synthetic_digits
 from ..losses import cross_entropy
+from ..nn import apply_model
 from ._engine import jit_once
 from .results import ArgCheck, CheckResult, Comparison
 from .tolerances import TOLERANCES
@@ -52,18 +55,22 @@ class Model:
     layer: Callable[[], tuple]         # () -> (init, apply), as in jaxcnn.models
     seed: int = 5                      # jax.random.PRNGKey(seed) initializes the parameters
     batch: Callable[[], Batch] = digits_batch
+    train: bool = False                # the mode of the loss (True: batch norm's batch stats)
 
 
 # The end-to-end sections, in report order.
 MODELS = {
     "lenet5": Model("lenet5", "the LeNet-5 loss", models.lenet5),
+    "resnet": Model("resnet", "the ResNet loss in train mode", models.resnet, train=True),
 }
 
 
-def model_loss(model: Model, params, x, labels, impl: str):
-    """The model's cross-entropy loss, every layer and the loss on ``impl``."""
+def model_loss(model: Model, params, state, x, labels, impl: str):
+    """The model's cross-entropy loss, every layer and the loss on ``impl``, in the model's
+    mode with its state (the new state is not part of the loss)."""
     _, apply = model.layer()
-    return cross_entropy(apply(params, x, impl=impl), labels, impl=impl)
+    logits, _ = apply_model(apply, params, state, x, train=model.train, impl=impl)
+    return cross_entropy(logits, labels, impl=impl)
 
 
 def run_model(model: Model, dtype: str = "float64") -> tuple[list, Batch]:
@@ -72,14 +79,16 @@ def run_model(model: Model, dtype: str = "float64") -> tuple[list, Batch]:
     tol = TOLERANCES[dtype]
     batch = model.batch()
     init, _ = model.layer()
-    _, params = init(jax.random.PRNGKey(model.seed), batch.images.shape)
-    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params)
+    _, params, state = init(jax.random.PRNGKey(model.seed), batch.images.shape,
+                            with_state=True)
+    params, state = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), (params, state))
     x = jnp.asarray(batch.images.astype(dtype))
     y = jnp.asarray(batch.labels)
     grads = {}
     for impl in ("manual", "lax"):
-        loss = jax.value_and_grad(lambda p, x, y, impl=impl: model_loss(model, p, x, y, impl))
-        grads[impl] = jax.device_get(jit_once(loss, params, x, y))
+        loss = jax.value_and_grad(
+            lambda p, s, x, y, impl=impl: model_loss(model, p, s, x, y, impl))
+        grads[impl] = jax.device_get(jit_once(loss, params, state, x, y))
     fwd = Comparison.between(grads["manual"][0], grads["lax"][0], tol)
     results = []
     manual = jax.tree_util.tree_flatten_with_path(grads["manual"][1])[0]

@@ -25,6 +25,7 @@ import dataclasses
 import zlib
 from typing import Callable
 
+import jax
 import numpy as np
 
 from .. import _shapes
@@ -37,7 +38,10 @@ from ..convolution import (_conv_manual_forward, _conv_transpose_manual_forward,
 from ..linear import _dense_manual_forward, _flatten_manual_forward, dense, flatten
 from ..losses import (_bce_manual_forward, _cross_entropy_manual_forward, _mse_manual_forward,
                       binary_cross_entropy_with_logits, cross_entropy, mse)
+from ..normalization import (_batch_norm_eval_manual_forward, _batch_norm_train_manual_forward,
+                             _layer_norm_manual_forward, _on_axes, batch_norm, layer_norm)
 from ..pooling import _avg_pool_manual_forward, _max_pool_manual_forward, avg_pool, max_pool
+from ..regularization import _dropout_manual_forward, _keep_mask, dropout
 from ._engine import compare
 from .results import CheckResult
 
@@ -187,6 +191,54 @@ def _pair_case(op, label, args, names, op_func, forward, quick=False, **kw):
     return Case(op, label, args, names, lambda a, b: op_func(a, b, impl="manual", **kw),
                 lambda a, b: op_func(a, b, impl="lax", **kw),
                 lambda a, b: forward(a, b, **kw), quick)
+
+
+def _batch_norm_case(label, x_shape, train, quick=False, dtype="float64", constant=()):
+    """Batch norm in one mode; ``constant``: channels set to one value (variance 0)."""
+    rng = _rng("batch_norm", label)
+    c = x_shape[-1]
+    x = rng.standard_normal(x_shape).astype(dtype)
+    for ch in constant:
+        x[..., ch] = 1.5
+    scale, offset = (rng.standard_normal(c).astype(dtype) for _ in range(2))
+    if train:
+        def forward(x, s, o):
+            y, mean, var = _batch_norm_train_manual_forward(x, s, o, 1e-5)
+            return y, (mean, var)
+        return Case("batch_norm", label, (x, scale, offset), ("x", "scale", "offset"),
+                    lambda x, s, o: batch_norm(x, s, o, train=True, impl="manual"),
+                    lambda x, s, o: batch_norm(x, s, o, train=True, impl="lax"),
+                    forward, quick)
+    mean = rng.standard_normal(c).astype(dtype)
+    var = (0.5 + rng.random(c)).astype(dtype)
+    return Case("batch_norm", label, (x, scale, offset, mean, var),
+                ("x", "scale", "offset", "mean", "var"),
+                lambda *a: batch_norm(*a[:3], mean=a[3], var=a[4], train=False, impl="manual"),
+                lambda *a: batch_norm(*a[:3], mean=a[3], var=a[4], train=False, impl="lax"),
+                lambda *a: _batch_norm_eval_manual_forward(*a, 1e-5), quick)
+
+
+def _layer_norm_case(label, x_shape, axes, quick=False, dtype="float64"):
+    rng = _rng("layer_norm", label)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    norm = _shapes.normalize_axes("layer_norm", axes, x_shape)
+    feature = tuple(x_shape[a] for a in norm)
+    scale, offset = (rng.standard_normal(feature).astype(dtype) for _ in range(2))
+    return Case("layer_norm", label, (x, scale, offset), ("x", "scale", "offset"),
+                lambda x, s, o: layer_norm(x, s, o, axes=axes, impl="manual"),
+                lambda x, s, o: layer_norm(x, s, o, axes=axes, impl="lax"),
+                lambda x, s, o: _layer_norm_manual_forward(
+                    x, _on_axes(s, x, norm), _on_axes(o, x, norm), norm, 1e-5), quick)
+
+
+def _dropout_case(label, x_shape, rate, quick=False, dtype="float64"):
+    """Dropout with a fixed key (the mask is part of the configuration)."""
+    x = _rng("dropout", label).standard_normal(x_shape).astype(dtype)
+    key = jax.random.key(zlib.crc32(label.encode()))
+    return Case("dropout", label, (x,), ("x",),
+                lambda x: dropout(x, rate, key, impl="manual"),
+                lambda x: dropout(x, rate, key, impl="lax"),
+                lambda x: _dropout_manual_forward(x, _keep_mask(key, x.shape, rate), rate), quick)
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,6 +497,39 @@ def _mse_cases(dtype: str) -> list:
     ]
 
 
+def _batch_norm_cases(dtype: str) -> list:
+    return [
+        _batch_norm_case("train: x(2,5) features, batch 2", (2, 5), True, quick=True,
+                         dtype=dtype),
+        _batch_norm_case("train: x(1,5), batch 1: M = 1, variance 0", (1, 5), True,
+                         dtype=dtype),
+        _batch_norm_case("train: x(1,1,1,3), batch 1 of 1×1", (1, 1, 1, 3), True, dtype=dtype),
+        _batch_norm_case("train: x(2,4,3,3) images", (2, 4, 3, 3), True, quick=True,
+                         dtype=dtype),
+        _batch_norm_case("train: x(2,4,3,3), channel 1 constant", (2, 4, 3, 3), True,
+                         constant=(1,), dtype=dtype),
+        _batch_norm_case("train: x(2,6,2), 1-D", (2, 6, 2), True, dtype=dtype),
+        _batch_norm_case("eval: x(2,4,3,3) images", (2, 4, 3, 3), False, quick=True,
+                         dtype=dtype),
+        _batch_norm_case("eval: x(1,5), batch 1", (1, 5), False, dtype=dtype),
+    ]
+
+
+def _layer_norm_cases(dtype: str) -> list:
+    return [
+        _layer_norm_case("x(3,6), last axis", (3, 6), -1, quick=True, dtype=dtype),
+        _layer_norm_case("x(2,4,3,5), axes (1,2,3)", (2, 4, 3, 5), (1, 2, 3), dtype=dtype),
+        _layer_norm_case("x(2,4,3,5), axes (1,3)", (2, 4, 3, 5), (1, 3), dtype=dtype),
+    ]
+
+
+def _dropout_cases(dtype: str) -> list:
+    return [
+        _dropout_case("x(4,6), rate 0.3", (4, 6), 0.3, quick=True, dtype=dtype),
+        _dropout_case("x(2,5,5,3), rate 0.5", (2, 5, 5, 3), 0.5, dtype=dtype),
+    ]
+
+
 # The ops of the grid, in report order: name (for --op and the report) -> case builder.
 OPS: dict[str, Callable[[str], list]] = {
     "conv": _conv_cases,
@@ -463,4 +548,7 @@ OPS: dict[str, Callable[[str], list]] = {
     "cross_entropy": _cross_entropy_cases,
     "binary_cross_entropy_with_logits": _bce_cases,
     "mse": _mse_cases,
+    "batch_norm": _batch_norm_cases,
+    "layer_norm": _layer_norm_cases,
+    "dropout": _dropout_cases,
 }
