@@ -172,6 +172,62 @@ def test_shapes_that_used_to_be_slow(name, dtype):
     compare_impls(lambda x, k, b, impl: jc.conv(x, k, b, impl=impl, **options), (x, k, b), dtype)
 
 
+# Every formulation of the engine (jaxcnn/_patches.py): the elementwise product, the patch
+# matrix in several tiles and blocks, the folded form in several tiles, the scatter-order input
+# gradient, with tiles made small so that the loops run more than once. Each is checked against
+# lax's forward and its two gradients.
+
+ENGINE_CASES = {
+    # name: (x shape, kernel shape, options, expected product, at least this many tiles)
+    "elementwise (short contraction)": ((2, 9, 8, 2), (3, 3, 2, 5), dict(padding="SAME"),
+                                        "elementwise", 1),
+    "elementwise, grouped": ((2, 9, 8, 8), (3, 3, 2, 8), dict(groups=4, padding=1),
+                             "elementwise", 1),
+    "patch matrix, row tiles, stride": ((1, 13, 12, 12), (3, 3, 12, 10),
+                                        dict(stride=2, padding=((1, 2), (0, 1))), "matmul", 2),
+    "patch matrix, blocks of taps (1-D)": ((3, 60, 24), (33, 24, 9), dict(padding=4), "matmul", 2),
+    "patch matrix, groups": ((2, 9, 8, 20), (3, 3, 10, 8), dict(groups=2, dilation=(2, 1)),
+                             "matmul", 2),
+    "folded form, image tiles": ((5, 7, 7, 16), (3, 3, 16, 8), dict(padding="SAME"), "fold", 2),
+    "folded form, last-dim stride and dilation": ((3, 8, 11, 16), (2, 3, 16, 6),
+                                                  dict(stride=(1, 2), dilation=(2, 1)), "fold", 2),
+}
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tile budgets small enough that every case runs its loops more than once."""
+    from jaxcnn import _xla_cpu
+    monkeypatch.setattr(_xla_cpu, "ENABLED", True)
+    monkeypatch.setattr(_xla_cpu, "TILE_BYTES", 24_000)
+    monkeypatch.setattr(_xla_cpu, "FOLD_TILE_BYTES", 40_000)
+
+
+@pytest.mark.usefixtures("x64", "small_tiles")
+@pytest.mark.parametrize("name", sorted(ENGINE_CASES))
+def test_every_formulation_of_the_engine(name):
+    from jaxcnn import _patches
+    from jaxcnn.convolution import _conv_input_grad
+
+    x_shape, k_shape, options, product, tiles = ENGINE_CASES[name]
+    groups = options.get("groups", 1)
+    cfg = _shapes.conv_config(x_shape, k_shape, None, stride=options.get("stride", 1),
+                              padding=options.get("padding", "VALID"),
+                              dilation=options.get("dilation", 1), groups=groups)
+    plan = _patches.plan(x_shape, k_shape, cfg, groups, 8)
+    assert plan.product == product and plan.tiles >= tiles, plan
+    rng = np.random.default_rng(5)
+    x, k = rng.normal(size=x_shape), rng.normal(size=k_shape)
+    z_ref, vjp = jax.vjp(lambda x, k: jc.conv(x, k, impl="lax", **options), x, k)
+    dz = rng.normal(size=z_ref.shape)
+    dx_ref, dk_ref = vjp(dz)
+    assert_close(_patches.correlate(x, k, cfg, groups), z_ref, "float64", "forward")
+    assert_close(_patches.kernel_grad(x, dz, k.shape, cfg, groups), dk_ref, "float64", "dK")
+    assert_close(_conv_input_grad(dz, k, x.shape, cfg, groups), dx_ref, "float64", "dX")
+    assert_close(_conv_input_grad_scatter(dz, k, x.shape, cfg, groups), dx_ref, "float64",
+                 "dX, scatter order")
+
+
 def test_manual_conv_uses_no_lax_convolution_and_goes_through_the_custom_vjp():
     """The manual path computes with gathers, pads, slices and matrix products only, and its
     gradient is the registered custom VJP (not JAX's autodiff of the forward)."""
