@@ -161,8 +161,9 @@ SLOW_SHAPE_CASES = {
 
 
 @pytest.mark.usefixtures("x64")
-@pytest.mark.parametrize("name", sorted(SLOW_SHAPE_CASES))
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name,dtype", [(n, "float64") for n in sorted(SLOW_SHAPE_CASES)]
+                         + [(n, "float32") for n in ("1-D kernel 129, blocks of taps",
+                                                     "2-D 5x5 many channels", "3-D 7x7x7")])
 def test_shapes_that_used_to_be_slow(name, dtype):
     x_shape, k_shape, options = SLOW_SHAPE_CASES[name]
     rng = np.random.default_rng(3)
@@ -221,11 +222,14 @@ def test_every_formulation_of_the_engine(name):
     z_ref, vjp = jax.vjp(lambda x, k: jc.conv(x, k, impl="lax", **options), x, k)
     dz = rng.normal(size=z_ref.shape)
     dx_ref, dk_ref = vjp(dz)
-    assert_close(_patches.correlate(x, k, cfg, groups), z_ref, "float64", "forward")
-    assert_close(_patches.kernel_grad(x, dz, k.shape, cfg, groups), dk_ref, "float64", "dK")
-    assert_close(_conv_input_grad(dz, k, x.shape, cfg, groups), dx_ref, "float64", "dX")
-    assert_close(_conv_input_grad_scatter(dz, k, x.shape, cfg, groups), dx_ref, "float64",
-                 "dX, scatter order")
+    z, dk, dx, dx_scatter = jax.jit(lambda x, k, dz: (
+        _patches.correlate(x, k, cfg, groups), _patches.kernel_grad(x, dz, k.shape, cfg, groups),
+        _conv_input_grad(dz, k, x.shape, cfg, groups),
+        _conv_input_grad_scatter(dz, k, x.shape, cfg, groups)))(x, k, dz)
+    assert_close(z, z_ref, "float64", "forward")
+    assert_close(dk, dk_ref, "float64", "dK")
+    assert_close(dx, dx_ref, "float64", "dX")
+    assert_close(dx_scatter, dx_ref, "float64", "dX, scatter order")
 
 
 def test_manual_conv_uses_no_lax_convolution_and_goes_through_the_custom_vjp():
@@ -369,9 +373,16 @@ def _transpose_args(nd, groups, dtype, seed=0):
     return y, k, b
 
 
+def _transpose_grid():
+    """Every third case in the default run (each nd, stride and padding form still appears);
+    the rest under ``-m slow``."""
+    return [c if i % 3 == 0 else pytest.param(*c, marks=pytest.mark.slow)
+            for i, c in enumerate(_transpose_cases())]
+
+
 @pytest.mark.usefixtures("x64")
 @pytest.mark.parametrize("nd,stride,padding,dilation,groups,output_padding,dtype",
-                         _transpose_cases())
+                         _transpose_grid())
 def test_conv_transpose_grid(nd, stride, padding, dilation, groups, output_padding, dtype):
     g = int(groups)
     y, k, b = _transpose_args(nd, g, dtype)
@@ -386,7 +397,7 @@ def test_conv_transpose_grid(nd, stride, padding, dilation, groups, output_paddi
 
 @pytest.mark.usefixtures("x64")
 @pytest.mark.parametrize("nd,stride,padding,dilation,groups,output_padding",
-                         [c[:6] for c in _transpose_cases()[::3]])
+                         [c[:6] for c in _transpose_cases()[1::6]])
 def test_conv_transpose_is_the_adjoint_of_conv(nd, stride, padding, dilation, groups,
                                                output_padding):
     """<conv(x, K), y> = <x, conv_transpose(y, K)> for random x and y, both impls."""
