@@ -10,6 +10,9 @@ from .convolution import conv
 from .activations import log_softmax, relu
 from .linear import dense, flatten
 from .losses import cross_entropy
+from .adaptive_pooling import (adaptive_avg_pool, adaptive_max_pool, global_avg_pool,
+                               global_max_pool)
+from .padding import pad
 from .pooling import avg_pool, max_pool
 
 __version__ = "0.1.0"
@@ -18,6 +21,11 @@ __all__ = [
     "conv",
     "max_pool",
     "avg_pool",
+    "global_max_pool",
+    "global_avg_pool",
+    "adaptive_max_pool",
+    "adaptive_avg_pool",
+    "pad",
     "dense",
     "relu",
     "flatten",
