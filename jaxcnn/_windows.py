@@ -13,6 +13,10 @@ Three explicit operations, written with slices and pads only (no ``conv_general_
   positions ``i * s + m * d`` and summed where windows overlap, then the forward padding is
   cropped away.
 
+Pooling walks the taps with :func:`fold_taps` and puts gradients back with
+:func:`scatter_taps`: the same slices and overlap-add, written out for small windows and run in
+a ``lax.fori_loop`` for large ones (:data:`UNROLL_TAPS`).
+
 Arrays are channels-last, batch first: ``(N, *spatial, C)``.
 """
 
