@@ -11,6 +11,9 @@ from .activations import gelu, leaky_relu, log_softmax, relu, sigmoid, softmax, 
 from .linear import dense, flatten
 from .losses import binary_cross_entropy_with_logits, cross_entropy, mse
 from .normalization import batch_norm, layer_norm
+from .adaptive_pooling import (adaptive_avg_pool, adaptive_max_pool, global_avg_pool,
+                               global_max_pool)
+from .padding import pad
 from .pooling import avg_pool, max_pool
 from .regularization import dropout
 
@@ -21,6 +24,11 @@ __all__ = [
     "conv_transpose",
     "max_pool",
     "avg_pool",
+    "global_max_pool",
+    "global_avg_pool",
+    "adaptive_max_pool",
+    "adaptive_avg_pool",
+    "pad",
     "dense",
     "relu",
     "leaky_relu",

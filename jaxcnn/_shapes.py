@@ -18,6 +18,14 @@ The ``r = (n + lo + hi - k_eff) mod s`` trailing rows that no window reaches are
 *stride remainder*: the forward drops them, and the backward pass must give them a zero
 gradient (see :func:`conv_input_grad_padding`).
 
+Pooling's ``ceil_mode`` (PyTorch's rule, :func:`pool_output_size`) rounds up instead,
+
+    out = ceil((n + lo + hi - k_eff) / s) + 1,
+
+minus one if that last window would start inside the right padding (at ``(out - 1) * s >= n +
+lo``); the windows that then run past the padded input read the *overhang*, which pooling fills
+like its padding but never counts as padding (see :class:`PoolConfig`).
+
 Padding forms: ``"VALID"`` (no padding), ``"SAME"`` (lax's rule: ``out = ceil(n / s)``, total
 padding ``max((out - 1) * s + k_eff - n, 0)``, the odd extra unit at the end), an int ``p``
 (``(p, p)`` on every spatial dim), or one ``(lo, hi)`` pair per spatial dim.
@@ -33,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 IMPLS = ("lax", "manual")
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+TIES = ("first", "split")
 
 Pads = tuple[tuple[int, int], ...]
 
@@ -56,6 +66,25 @@ class WindowConfig(NamedTuple):
     def effective_window(self) -> tuple[int, ...]:
         """Window size after kernel dilation: ``(k - 1) * d + 1``."""
         return tuple((k - 1) * d + 1 for k, d in zip(self.window, self.dilation))
+
+
+class PoolConfig(NamedTuple):
+    """A pooling op's normalized arguments (a static jit argument), from :func:`pool_config`.
+
+    - ``win``: the window the pooling runs, with the padding the pooling itself fills (``-inf``
+      for max, 0 for average): in ``"zeros"`` mode the user's ``(lo, hi)`` plus the ceil-mode
+      overhang, ``(lo, hi + over)``; in the other modes ``(0, over)``, on an input that is
+      first padded by ``pads`` with ``mode`` (:func:`jaxcnn.padding.pad`).
+    - ``pads``: the padding the user asked for, one ``(lo, hi)`` pair per spatial dim.
+    - ``mode``: the padding mode, one of :data:`PADDING_MODES`.
+    - ``overhang``: per spatial dim, the positions past the padded input that ceil mode's last
+      window reads (0 without ``ceil_mode``).
+    """
+
+    win: WindowConfig
+    pads: Pads
+    mode: str
+    overhang: tuple[int, ...]
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,6 +227,12 @@ def resolve_padding(fn: str, padding, spatial: Sequence[int], eff_window: Sequen
             f"{fn}: padding must be 'VALID', 'SAME', an int or {ndim} (low, high) pairs; "
             f"got {padding!r}"
         )
+    return explicit_padding(fn, padding, ndim, forms="'VALID', 'SAME', an int or")
+
+
+def explicit_padding(fn: str, padding, ndim: int, *, forms: str = "an int or") -> Pads:
+    """An int ``p`` (``(p, p)`` on every spatial dim) or ``ndim`` ``(lo, hi)`` pairs, ints >= 0,
+    as one ``(lo, hi)`` pair per spatial dim. ``forms`` lists the accepted forms in messages."""
     if is_int(padding):
         p = int(padding)
         if p < 0:
@@ -208,7 +243,7 @@ def resolve_padding(fn: str, padding, spatial: Sequence[int], eff_window: Sequen
             isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in padding
         ):
             raise ValueError(
-                f"{fn}: padding must be 'VALID', 'SAME', an int or {ndim} (low, high) pairs "
+                f"{fn}: padding must be {forms} {ndim} (low, high) pairs "
                 f"(one per spatial dimension); got {padding!r}"
             )
         pads = tuple((_as_int(fn, "padding", lo), _as_int(fn, "padding", hi))
@@ -216,8 +251,9 @@ def resolve_padding(fn: str, padding, spatial: Sequence[int], eff_window: Sequen
         if any(lo < 0 or hi < 0 for lo, hi in pads):
             raise ValueError(f"{fn}: padding must be >= 0; got {padding!r}")
         return pads
-    raise TypeError(
-        f"{fn}: padding must be 'VALID', 'SAME', an int or {ndim} (low, high) pairs; "
+    exc = ValueError if isinstance(padding, str) else TypeError
+    raise exc(
+        f"{fn}: padding must be {forms} {ndim} (low, high) pairs; "
         f"got {type(padding).__name__} {padding!r}"
     )
 
@@ -230,6 +266,22 @@ def output_size(n: int, pad: tuple[int, int], eff_window: int, stride: int) -> i
 def output_spatial(spatial: Sequence[int], cfg: WindowConfig) -> tuple[int, ...]:
     return tuple(output_size(n, p, k, s) for n, p, k, s in
                  zip(spatial, cfg.padding, cfg.effective_window, cfg.stride))
+
+
+def pool_output_size(n: int, pad: tuple[int, int], eff_window: int, stride: int,
+                     ceil_mode: bool) -> int:
+    """Pooling's output size: the output-size rule, or with ``ceil_mode`` PyTorch's rule.
+
+    ``ceil_mode=True``: ``out = ceil((n + lo + hi - k_eff) / s) + 1``, but a last window that
+    would start inside the right padding (``(out - 1) * s >= n + lo``, in padded coordinates)
+    is dropped: every window starts on an input element or in the left padding.
+    """
+    if not ceil_mode:
+        return output_size(n, pad, eff_window, stride)
+    out = -(-(n + pad[0] + pad[1] - eff_window) // stride) + 1
+    if (out - 1) * stride >= n + pad[0]:
+        out -= 1
+    return out
 
 
 def stride_remainder(n: int, pad: tuple[int, int], eff_window: int, stride: int) -> int:
@@ -387,8 +439,12 @@ def transpose_extra_rows(y_shape, x_shape, cfg: WindowConfig) -> tuple[int, ...]
     return tuple(o - n for o, n in zip(output_spatial(x_shape[1:-1], cfg), y_shape[1:-1]))
 
 
-def pool_config(x_shape, window, *, stride, padding, fn: str) -> WindowConfig:
-    """Validate a pooling op's arguments. ``stride=None`` means stride = window."""
+def pool_config(x_shape, window, *, stride, padding, fn: str, dilation=1, ceil_mode=False,
+                padding_mode="zeros") -> PoolConfig:
+    """Validate a pooling op's arguments. ``stride=None`` means stride = window.
+
+    Returns a :class:`PoolConfig`: the output size follows :func:`pool_output_size`.
+    """
     if isinstance(window, (list, tuple)):
         nd = len(window)
     elif is_int(window):
@@ -407,17 +463,119 @@ def pool_config(x_shape, window, *, stride, padding, fn: str) -> WindowConfig:
         )
     window_t = to_tuple(fn, "window", window, nd)
     stride_t = window_t if stride is None else to_tuple(fn, "stride", stride, nd)
+    dilation_t = to_tuple(fn, "dilation", dilation, nd)
+    ceil_mode = check_bool(fn, "ceil_mode", ceil_mode)
     spatial = tuple(int(n) for n in x_shape[1:-1])
-    pads = resolve_padding(fn, padding, spatial, window_t, stride_t)
-    for (lo, hi), k in zip(pads, window_t):
-        if lo >= k or hi >= k:
+    eff = tuple((k - 1) * d + 1 for k, d in zip(window_t, dilation_t))
+    pads = resolve_padding(fn, padding, spatial, eff, stride_t)
+    mode = check_padding_mode(fn, padding_mode, pads, x_shape)
+    dilated = any(d > 1 for d in dilation_t)
+    what = (f"dilated window {_fmt_shape(eff)} (window {_fmt_shape(window_t)} with dilation "
+            f"{dilation_t})") if dilated else f"window {window_t}"
+    if mode == "zeros":
+        for (lo, hi), k in zip(pads, eff):
+            if lo >= k or hi >= k:
+                raise ValueError(
+                    f"{fn}: padding must be smaller than the window on each side (a window made "
+                    f"of padding only has no input to pool); got padding {pads}, {what}"
+                )
+    plain = WindowConfig(window_t, stride_t, pads, dilation_t)
+    _check_fits(fn, "dilated window" if dilated else "window", spatial, plain, x_shape,
+                extra=f" (window {_fmt_shape(window_t)} with dilation {dilation_t})"
+                if dilated else "")
+    if mode == "zeros":
+        out = tuple(pool_output_size(n, p, k, s, ceil_mode)
+                    for n, p, k, s in zip(spatial, pads, eff, stride_t))
+        _check_windows_hold_input(fn, spatial, plain, out, what)
+    else:   # the input padded with the mode is pooled with no padding (PyTorch: F.pad, pool)
+        out = tuple(pool_output_size(n + lo + hi, (0, 0), k, s, ceil_mode)
+                    for n, (lo, hi), k, s in zip(spatial, pads, eff, stride_t))
+    over = tuple(max(0, (o - 1) * s + k - (n + lo + hi))
+                 for o, s, k, n, (lo, hi) in zip(out, stride_t, eff, spatial, pads))
+    fill = (tuple((lo, hi + v) for (lo, hi), v in zip(pads, over)) if mode == "zeros"
+            else tuple((0, v) for v in over))
+    return PoolConfig(WindowConfig(window_t, stride_t, fill, dilation_t), pads, mode, over)
+
+
+def _check_windows_hold_input(fn, spatial, cfg: WindowConfig, out, what):
+    """Every window must read at least one input element (not only padding).
+
+    Window ``i`` reads padded positions ``i * s + m * d``; the input occupies ``lo .. lo + n -
+    1``. A window is a product of its per-dim ranges, so checking each dim is enough.
+    """
+    for dim, (n, (lo, _), k, d, s, o) in enumerate(zip(spatial, cfg.padding, cfg.window,
+                                                       cfg.dilation, cfg.stride, out)):
+        pos = np.arange(o)[:, None] * s + np.arange(k)[None, :] * d
+        holds = ((pos >= lo) & (pos < lo + n)).any(axis=1)
+        if not holds.all():
+            i = int(np.argmin(holds))
             raise ValueError(
-                f"{fn}: padding must be smaller than the window on each side (a window made of "
-                f"padding only has no input to pool); got padding {pads}, window {window_t}"
+                f"{fn}: window {i} along spatial dim {dim} reads only padding (positions "
+                f"{pos[i].tolist()} of the padded input, whose elements are {lo}..{lo + n - 1}); "
+                f"every window needs an input element; got padding {cfg.padding}, {what}, "
+                f"stride {cfg.stride}"
             )
-    cfg = WindowConfig(window_t, stride_t, pads, (1,) * nd)
-    _check_fits(fn, "window", spatial, cfg, x_shape)
-    return cfg
+
+
+def check_padding_mode(fn: str, mode, pads: Pads, x_shape) -> str:
+    """``mode`` if it is one of :data:`PADDING_MODES` and ``pads`` respects its limits
+    (PyTorch's): ``"reflect"`` pads less than the input size on each side (a reflection
+    repeats no element), ``"circular"`` at most the input size (it wraps around once)."""
+    mode = check_choice(fn, "padding_mode", mode, PADDING_MODES)
+    for dim, ((lo, hi), n) in enumerate(zip(pads, x_shape[1:-1])):
+        if mode == "reflect" and max(lo, hi) >= n:
+            raise ValueError(
+                f"{fn}: reflect padding must be smaller than the input size on each side; "
+                f"spatial dim {dim} (x axis {dim + 1}) has size {n} and padding ({lo}, {hi}); "
+                f"x has shape {_fmt_shape(x_shape)}"
+            )
+        if mode == "circular" and max(lo, hi) > n:
+            raise ValueError(
+                f"{fn}: circular padding must be at most the input size on each side; "
+                f"spatial dim {dim} (x axis {dim + 1}) has size {n} and padding ({lo}, {hi}); "
+                f"x has shape {_fmt_shape(x_shape)}"
+            )
+    return mode
+
+
+def pad_config(fn: str, x_shape, padding, mode) -> Pads:
+    """Validate :func:`jaxcnn.padding.pad`'s arguments; return one ``(lo, hi)`` per spatial dim."""
+    if len(x_shape) < 3:
+        raise ValueError(
+            f"{fn}: x must have rank >= 3, (N, *spatial, C); got x shape {_fmt_shape(x_shape)} "
+            f"(rank {len(x_shape)})"
+        )
+    pads = explicit_padding(fn, padding, len(x_shape) - 2)
+    check_padding_mode(fn, mode, pads, x_shape)
+    return pads
+
+
+def check_pool_input(fn: str, x_shape) -> int:
+    """``x: (N, *spatial, C)`` with 1, 2 or 3 spatial dims; return the number of spatial dims."""
+    if len(x_shape) not in (3, 4, 5):
+        raise ValueError(
+            f"{fn}: x must have rank 3, 4 or 5, (N, *spatial, C) with 1, 2 or 3 spatial dims; "
+            f"got x shape {_fmt_shape(x_shape)} (rank {len(x_shape)})"
+        )
+    return len(x_shape) - 2
+
+
+def adaptive_windows(fn: str, x_shape, output_size):
+    """Adaptive pooling's windows, PyTorch's: output ``i`` of a dim of size ``n`` pooled to
+    ``o`` covers ``start = floor(i * n / o)`` to ``end = ceil((i + 1) * n / o)`` (exclusive).
+
+    ``output_size``: an int (every spatial dim) or one per spatial dim, each >= 1 or None (keep
+    that dim's size). Windows may overlap and differ in size. Returns, per spatial dim, the
+    tuple of ``(start, end)`` pairs.
+    """
+    nd = check_pool_input(fn, x_shape)
+    spatial = tuple(int(n) for n in x_shape[1:-1])
+    if isinstance(output_size, (list, tuple)):
+        output_size = tuple(n if o is None else o for o, n in zip(output_size, spatial)) + \
+            tuple(output_size[nd:])
+    out = to_tuple(fn, "output_size", output_size, nd)
+    return tuple(tuple(((i * n) // o, -(-((i + 1) * n) // o)) for i in range(o))
+                 for n, o in zip(spatial, out))
 
 
 # --------------------------------------------------------------------------------------------

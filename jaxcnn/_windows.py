@@ -13,6 +13,10 @@ Three explicit operations, written with slices and pads only (no ``conv_general_
   positions ``i * s + m * d`` and summed where windows overlap, then the forward padding is
   cropped away.
 
+Pooling walks the taps with :func:`fold_taps` and puts gradients back with
+:func:`scatter_taps`: the same slices and overlap-add, written out for small windows and run in
+a ``lax.fori_loop`` for large ones (:data:`UNROLL_TAPS`).
+
 Arrays are channels-last, batch first: ``(N, *spatial, C)``.
 """
 
@@ -152,3 +156,75 @@ def expand(a, nd: int):
     for o in a.shape[1:1 + nd]:
         shape += [o, 1]
     return a.reshape(*shape, a.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# Per-tap loops that do not grow with the window (pooling's large windows).
+
+UNROLL_TAPS = 16
+"""Windows of up to this many taps (a 4×4 window, a 2×2×2 one) are written out tap by tap, a
+chain XLA fuses into one loop over the output; larger ones (5×5, 7×7, 3×3×3) run their taps in
+a ``lax.fori_loop``, so the program (and its compile time) does not grow with the window."""
+
+
+def fold_taps(xp, cfg: WindowConfig, out: Sequence[int], body, init):
+    """``carry = body(carry, t, tap_t)`` for the taps of :func:`taps`, ``t`` in row-major order.
+
+    Written out up to :data:`UNROLL_TAPS` taps (``t`` a Python int); above, a
+    ``lax.fori_loop`` over ``t`` (a traced int) with :func:`dynamic_tap`.
+    """
+    n_taps = int(np.prod(cfg.window))
+    if n_taps <= UNROLL_TAPS:
+        carry = init
+        for t, tap in enumerate(taps(xp, cfg, out)):
+            carry = body(carry, t, tap)
+        return carry
+    return lax.fori_loop(0, n_taps, lambda t, c: body(c, t, dynamic_tap(xp, cfg, out, t)), init)
+
+
+def _tap_start(cfg: WindowConfig, t):
+    """Padded position ``m * d`` where tap ``t`` (row-major offset ``m``) starts, per dim."""
+    start = []
+    for k, d in zip(reversed(cfg.window), reversed(cfg.dilation)):
+        start.append((t % k) * d)
+        t = t // k
+    return tuple(reversed(start))
+
+
+def dynamic_tap(xp, cfg: WindowConfig, out: Sequence[int], t):
+    """Tap ``t`` of :func:`taps` for a traced ``t``: a dynamic slice, then the static stride."""
+    n, c = xp.shape[0], xp.shape[-1]
+    span = tuple((o - 1) * s + 1 for o, s in zip(out, cfg.stride))
+    block = lax.dynamic_slice(xp, (0, *_tap_start(cfg, t), 0), (n, *span, c))
+    return lax.slice(block, (0,) * block.ndim, block.shape, (1, *cfg.stride, 1))
+
+
+def scatter_taps(contrib, xp, cfg: WindowConfig, spatial: Sequence[int], out: Sequence[int]):
+    """``Σ_t place_t(contrib(t, tap_t))``, cropped: :func:`overlap_add` of one contribution
+    ``(N, *out, C)`` per tap, each put back at ``i * s + m * d``.
+
+    ``contrib(t, tap)`` gets tap ``t`` of ``xp`` (None when ``xp`` is None). Written out up to
+    :data:`UNROLL_TAPS` taps (:func:`overlap_add`); above, a ``lax.fori_loop`` that adds each
+    stride-dilated contribution into the padded gradient in place (dynamic slice, add,
+    dynamic update), summed in float32 for half precision, then crops the padding.
+    """
+    n_taps = int(np.prod(cfg.window))
+    if n_taps <= UNROLL_TAPS:
+        tap_list = [None] * n_taps if xp is None else taps(xp, cfg, out)
+        return overlap_add([contrib(t, tap) for t, tap in enumerate(tap_list)], spatial, cfg)
+    first = contrib(0, None if xp is None else dynamic_tap(xp, cfg, out, 0))
+    dtype, acc = first.dtype, accum_dtype(first.dtype)
+    n, c = first.shape[0], first.shape[-1]
+    padded = tuple(size + lo + hi for size, (lo, hi) in zip(spatial, cfg.padding))
+    dilate = tuple(s - 1 for s in cfg.stride)
+
+    def step(t, total):
+        tap = None if xp is None else dynamic_tap(xp, cfg, out, t)
+        placed = pad(contrib(t, tap).astype(acc), ((0, 0),) * cfg.ndim, interior=dilate)
+        start = (0, *_tap_start(cfg, t), 0)
+        window = lax.dynamic_slice(total, start, placed.shape)
+        return lax.dynamic_update_slice(total, window + placed, start)
+
+    total = lax.fori_loop(0, n_taps, step, lax.full((n, *padded, c), 0, acc))
+    crop = tuple((-lo, -hi) for lo, hi in cfg.padding)
+    return lax.optimization_barrier(pad(total, crop).astype(dtype))

@@ -27,11 +27,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _patches, _shapes, _windows
+from . import _patches, _shapes, _windows, padding as _padding
 from ._shapes import WindowConfig
 
 
-def conv(x, kernel, bias=None, *, stride=1, padding="VALID", dilation=1, groups=1, impl="lax"):
+def conv(x, kernel, bias=None, *, stride=1, padding="VALID", dilation=1, groups=1,
+         padding_mode="zeros", impl="lax"):
     """N-d convolution (cross-correlation) ``Z = X ⋆ K + B``, channels-last.
 
     Args:
@@ -43,6 +44,9 @@ def conv(x, kernel, bias=None, *, stride=1, padding="VALID", dilation=1, groups=
         at the end, as in lax), an int, or one ``(low, high)`` pair per spatial dim.
       dilation: kernel dilation, an int or one per spatial dim (``d - 1`` holes between taps).
       groups: channel groups; ``groups == C_in`` with ``C_out = C_in * mult`` is depthwise.
+      padding_mode: ``"zeros"`` (default), ``"reflect"``, ``"replicate"`` or ``"circular"``:
+        PyTorch's; any mode but zeros pads ``x`` with :func:`jaxcnn.pad` (same ``impl``), then
+        convolves with no padding.
       impl: ``"lax"`` (``lax.conv_general_dilated``, JAX's autodiff) or ``"manual"`` (explicit
         patches, the lecture's backward registered with ``jax.custom_vjp``).
 
@@ -59,6 +63,9 @@ def conv(x, kernel, bias=None, *, stride=1, padding="VALID", dilation=1, groups=
     b_shape = None if bias is None else _shapes.check_array(fn, "bias", bias)
     cfg = _shapes.conv_config(x_shape, k_shape, b_shape, stride=stride, padding=padding,
                               dilation=dilation, groups=groups)
+    if _shapes.check_padding_mode(fn, padding_mode, cfg.padding, x_shape) != "zeros":
+        x = _padding.pad(x, cfg.padding, mode=padding_mode, impl=impl)
+        cfg = cfg._replace(padding=((0, 0),) * cfg.ndim)
     return _conv_jit(x, kernel, bias, cfg=cfg, groups=int(groups), impl=impl)
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 
 from . import _shapes
-from .nn import (AvgPool, BatchNorm, Conv, Dense, FanInSum, FanOut, Flatten, Identity, MaxPool,
-                 Relu, parallel, serial)
+from .nn import (BatchNorm, Conv, Dense, FanInSum, FanOut, Flatten, GlobalAvgPool,
+                 Identity, MaxPool, Relu, parallel, serial)
 
 INPUT_SHAPE = (28, 28, 1)
 """The image shape every model here expects: ``(height, width, channels)``."""
@@ -99,9 +99,7 @@ def _resnet(num_classes, widths, blocks):
             layers.append(residual_block(width, stride=stride, project=stride != 1 or
                                          c_in != width))
             c_in = width
-    # Global average pooling of the 7×7 map. TODO(pool-family): use the GlobalAvgPool layer
-    # once it lands; on a 28×28 input the two compute the same mean.
-    layers += [AvgPool(7), Flatten, Dense(num_classes)]
+    layers += [GlobalAvgPool(), Dense(num_classes)]
     return serial(*layers)
 
 

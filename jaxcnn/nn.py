@@ -85,6 +85,8 @@ from .activations import gelu, leaky_relu, relu, sigmoid, softmax, tanh
 from .convolution import conv
 from .linear import dense, flatten
 from .normalization import batch_norm, layer_norm
+from .adaptive_pooling import (adaptive_avg_pool, adaptive_max_pool, global_avg_pool,
+                               global_max_pool)
 from .pooling import avg_pool, max_pool
 from .regularization import dropout
 
@@ -142,7 +144,7 @@ def _stateless(fn: str, init_fn, apply_fn) -> Layer:
 
 
 def Conv(out_channels, window, *, stride=1, padding="VALID", dilation=1, groups=1,
-         use_bias=True, init=None):
+         use_bias=True, padding_mode="zeros", init=None):
     """Convolution layer: ``(N, *spatial, C_in) -> (N, *out_spatial, out_channels)``.
 
     Args:
@@ -151,7 +153,7 @@ def Conv(out_channels, window, *, stride=1, padding="VALID", dilation=1, groups=
         of 1, 2 or 3 ints gives one size per spatial dim and so the number of spatial dims:
         ``(5,)`` for a 1-D, ``(3, 3, 3)`` for a 3-D convolution. ``init`` refuses an input of
         another rank (e.g. ``(28, 28, 1)`` without the batch axis for a 2-D window).
-      stride, padding, dilation, groups: as for :func:`jaxcnn.conv`.
+      stride, padding, dilation, groups, padding_mode: as for :func:`jaxcnn.conv`.
       use_bias: False leaves the bias out (e.g. before a ``BatchNorm``, whose offset does its
         job and which would cancel it: its gradient is zero in train mode).
       init: ``"he"``, ``"lecun"`` or None (He when :func:`serial` finds a ``Relu`` right after
@@ -172,12 +174,14 @@ def Conv(out_channels, window, *, stride=1, padding="VALID", dilation=1, groups=
     groups = _shapes.check_int(fn, "groups", groups, minimum=1)
     _check_padding(fn, padding)
     use_bias = _shapes.check_bool(fn, "use_bias", use_bias)
+    _shapes.check_choice(fn, "padding_mode", padding_mode, _shapes.PADDING_MODES)
     _check_init(fn, init)
     if out_channels % groups:
         raise ValueError(
             f"{fn}: groups ({groups}) must divide out_channels ({out_channels})"
         )
-    options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
+                   padding_mode=padding_mode)
 
     def init_fn(key, input_shape, *, before_relu=False):
         input_shape = _check_input_shape(fn, input_shape)
@@ -355,30 +359,79 @@ def Dropout(rate):
 # Layers without weights (params ``{}``).
 
 
-def MaxPool(window, *, stride=None, padding="VALID"):
+def MaxPool(window, *, stride=None, padding="VALID", dilation=1, ceil_mode=False,
+            padding_mode="zeros", ties="first"):
     """Max pooling: ``(N, *spatial, C) -> (N, *out_spatial, C)``; as :func:`jaxcnn.max_pool`,
-    whose **stride defaults to the window** (stax's and flax's default to 1)."""
+    whose **stride defaults to the window** (stax's and flax's default to 1). ``dilation``,
+    ``ceil_mode``, ``padding_mode`` and ``ties`` as there."""
     fn = "MaxPool"
-    _int_or_ints(fn, "window", window)
-    if stride is not None:
-        _int_or_ints(fn, "stride", stride)
-    _check_padding(fn, padding)
-    return _parameterless(fn, lambda x, impl: max_pool(
-        x, window, stride=stride, padding=padding, impl=impl))
+    options = _pool_options(fn, window, stride, padding, dilation, ceil_mode, padding_mode)
+    options["ties"] = _shapes.check_choice(fn, "ties", ties, _shapes.TIES)
+    return _parameterless(fn, lambda x, impl: max_pool(x, window, impl=impl, **options))
 
 
-def AvgPool(window, *, stride=None, padding="VALID", count_include_pad=True):
+def AvgPool(window, *, stride=None, padding="VALID", dilation=1, ceil_mode=False,
+            padding_mode="zeros", count_include_pad=True):
     """Average pooling: ``(N, *spatial, C) -> (N, *out_spatial, C)``; as
     :func:`jaxcnn.avg_pool` (**stride defaults to the window**)."""
     fn = "AvgPool"
+    options = _pool_options(fn, window, stride, padding, dilation, ceil_mode, padding_mode)
+    options["count_include_pad"] = _shapes.check_bool(fn, "count_include_pad",
+                                                      count_include_pad)
+    return _parameterless(fn, lambda x, impl: avg_pool(x, window, impl=impl, **options))
+
+
+def GlobalAvgPool():
+    """Global average pooling: ``(N, *spatial, C) -> (N, C)``, the mean over every position;
+    :func:`jaxcnn.global_avg_pool`. Write ``GlobalAvgPool()``."""
+    return _parameterless("GlobalAvgPool", lambda x, impl: global_avg_pool(x, impl=impl))
+
+
+def GlobalMaxPool(*, ties="first"):
+    """Global max pooling: ``(N, *spatial, C) -> (N, C)``; :func:`jaxcnn.global_max_pool`."""
+    ties = _shapes.check_choice("GlobalMaxPool", "ties", ties, _shapes.TIES)
+    return _parameterless("GlobalMaxPool",
+                          lambda x, impl: global_max_pool(x, ties=ties, impl=impl))
+
+
+def AdaptiveAvgPool(output_size):
+    """Adaptive average pooling: ``(N, *spatial, C) -> (N, *output_size, C)`` with PyTorch's
+    windows; :func:`jaxcnn.adaptive_avg_pool`."""
+    fn = "AdaptiveAvgPool"
+    _check_output_size(fn, output_size)
+    return _parameterless(fn, lambda x, impl: adaptive_avg_pool(x, output_size, impl=impl))
+
+
+def AdaptiveMaxPool(output_size, *, ties="first"):
+    """Adaptive max pooling: ``(N, *spatial, C) -> (N, *output_size, C)`` with PyTorch's
+    windows; :func:`jaxcnn.adaptive_max_pool`."""
+    fn = "AdaptiveMaxPool"
+    _check_output_size(fn, output_size)
+    ties = _shapes.check_choice(fn, "ties", ties, _shapes.TIES)
+    return _parameterless(fn, lambda x, impl: adaptive_max_pool(x, output_size, ties=ties,
+                                                                impl=impl))
+
+
+def _pool_options(fn, window, stride, padding, dilation, ceil_mode, padding_mode) -> dict:
+    """Check what a pooling layer can check before it sees the input; the op checks the rest
+    (the number of spatial dims, the padding's limits) at ``init``."""
     _int_or_ints(fn, "window", window)
     if stride is not None:
         _int_or_ints(fn, "stride", stride)
+    _int_or_ints(fn, "dilation", dilation)
     _check_padding(fn, padding)
-    _shapes.check_bool(fn, "count_include_pad", count_include_pad)
-    return _parameterless(fn, lambda x, impl: avg_pool(
-        x, window, stride=stride, padding=padding, count_include_pad=count_include_pad,
-        impl=impl))
+    return dict(stride=stride, padding=padding, dilation=dilation,
+                ceil_mode=_shapes.check_bool(fn, "ceil_mode", ceil_mode),
+                padding_mode=_shapes.check_choice(fn, "padding_mode", padding_mode,
+                                                  _shapes.PADDING_MODES))
+
+
+def _check_output_size(fn, output_size):
+    """An int >= 1 or 1 to 3 entries, each an int >= 1 or None (keep that dim's size)."""
+    if isinstance(output_size, (list, tuple)):
+        _int_or_ints(fn, "output_size", tuple(1 if o is None else o for o in output_size))
+    else:
+        _int_or_ints(fn, "output_size", output_size)
 
 
 def _parameterless(fn, op) -> Layer:

@@ -138,7 +138,8 @@ def _cells(result: CheckResult) -> list:
     if not result.ok:
         note = result.summary()
     elif result.skipped:
-        note = "(c)-(e) n/a, see below"
+        columns = [COLUMNS[k].split()[0] for k in COLUMNS if k in result.skipped]
+        note = f"{', '.join(columns)} n/a, see below"
     else:
         note = ""
     return cells + ["ok" if result.ok else "FAIL", note]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from functools import partial
 from typing import Callable
 
 import jax
@@ -40,7 +41,14 @@ from ..losses import (_bce_manual_forward, _cross_entropy_manual_forward, _mse_m
                       binary_cross_entropy_with_logits, cross_entropy, mse)
 from ..normalization import (_batch_norm_eval_manual_forward, _batch_norm_train_manual_forward,
                              _layer_norm_manual_forward, _on_axes, batch_norm, layer_norm)
-from ..pooling import _avg_pool_manual_forward, _max_pool_manual_forward, avg_pool, max_pool
+from ..adaptive_pooling import (_adaptive_avg_pool_manual_forward,
+                                _adaptive_max_pool_manual_forward,
+                                _global_avg_pool_manual_forward,
+                                _global_max_pool_manual_forward, adaptive_avg_pool,
+                                adaptive_max_pool, global_avg_pool, global_max_pool)
+from ..padding import _pad_manual_forward, pad
+from ..pooling import (_avg_pool_manual_forward, _counted, _max_pool_manual_forward, avg_pool,
+                       max_pool, mode_pad)
 from ..regularization import _dropout_manual_forward, _keep_mask, dropout
 from ._engine import compare
 from .results import CheckResult
@@ -48,6 +56,12 @@ from .results import CheckResult
 _TIES = ("tied maxima: the derivative is undefined there and every subgradient is valid, so "
          "(c) (which splits ties), (d) and (e) do not apply; (b) pins the tie rule (the first "
          "maximum, as jax.grad of reduce_window picks)")
+_TIES_SPLIT = ("tied maxima: the derivative is undefined there and every subgradient is valid, "
+               "so (c) (jnp.maximum's pairwise halves), (d) and (e) do not apply; (b) pins the "
+               "tie rule (equal shares, as jax.grad of jnp.max gives)")
+_NO_LAX_GRAD = ("window dilation: JAX has no gradient for a max reduce_window with window "
+                "dilation, so impl='lax' differentiates an explicit forward, the same kind of "
+                "reference as (c); (c), (d) and (e) check the rule")
 _RELU_ZERO = ("relu at exactly 0: not differentiable; (b) pins the convention relu'(0) = 0, "
               "(c) (jnp.maximum gives 1/2), (d) and (e) do not apply")
 _LEAKY_ZERO = ("leaky_relu at exactly 0: not differentiable; (b) and (c) pin the convention "
@@ -131,29 +145,40 @@ def _conv_transpose_case(label, y_shape, k_shape, bias=True, quick=False, dtype=
                                                                x_shape), quick)
 
 
+def _pool_config(op, x_shape, window, st):
+    return _shapes.pool_config(x_shape, window, stride=st.get("stride"),
+                               padding=st.get("padding", "VALID"), fn=op,
+                               dilation=st.get("dilation", 1),
+                               ceil_mode=st.get("ceil_mode", False),
+                               padding_mode=st.get("padding_mode", "zeros"))
+
+
 def _max_pool_case(label, x_shape, window, quick=False, dtype="float64", tied_x=None, **st):
     """Unique inputs; or ``tied_x``, an input with tied maxima, where only (b) applies."""
     ties = tied_x is not None
     x = np.asarray(tied_x, dtype) if ties else _unique(_rng("max_pool", label), x_shape, dtype)
-    cfg = _shapes.pool_config(x.shape, window, stride=st.get("stride"),
-                              padding=st.get("padding", "VALID"), fn="max_pool")
-    skip = ({k: _TIES for k in ("bypass_grad", "finite_diff", "adjoint")} if ties else {})
+    pc = _pool_config("max_pool", x.shape, window, st)
+    reason = _TIES_SPLIT if st.get("ties") == "split" else _TIES
+    skip = ({k: reason for k in ("bypass_grad", "finite_diff", "adjoint")} if ties else {})
+    if any(d > 1 for d in pc.win.dilation) and st.get("ties", "first") == "first":
+        skip["reference_grad"] = _NO_LAX_GRAD
     return Case("max_pool", label, (x,), ("x",),
                 lambda x: max_pool(x, window, impl="manual", **st),
                 lambda x: max_pool(x, window, impl="lax", **st),
-                lambda x: _max_pool_manual_forward(x, cfg), quick, skip)
+                lambda x: _max_pool_manual_forward(mode_pad(x, pc, "plain"), pc.win), quick,
+                skip)
 
 
 def _avg_pool_case(label, x_shape, window, quick=False, dtype="float64", **st):
     rng = _rng("avg_pool", label)
     x = rng.standard_normal(x_shape).astype(dtype)
-    cip = st.get("count_include_pad", True)
-    cfg = _shapes.pool_config(x.shape, window, stride=st.get("stride"),
-                              padding=st.get("padding", "VALID"), fn="avg_pool")
+    pc = _pool_config("avg_pool", x.shape, window, st)
+    counted = _counted(x.shape, pc, st.get("count_include_pad", True))
     return Case("avg_pool", label, (x,), ("x",),
                 lambda x: avg_pool(x, window, impl="manual", **st),
                 lambda x: avg_pool(x, window, impl="lax", **st),
-                lambda x: _avg_pool_manual_forward(x, cfg, cip), quick)
+                lambda x: _avg_pool_manual_forward(mode_pad(x, pc, "plain"), pc.win, counted),
+                quick)
 
 
 def _dense_case(label, x_shape, w_shape, bias=True, quick=False, dtype="float64"):
@@ -318,6 +343,31 @@ def _max_pool_cases(dtype: str) -> list:
                        tied_x=after_relu, dtype=dtype),
         _max_pool_case("ties: 3×3 s1 over a 2×2 plateau", (1, 5, 5, 1), 3, stride=1,
                        tied_x=plateau, dtype=dtype),
+        _max_pool_case("3×3 s1, dilation 2", (2, 8, 7, 2), 3, stride=1, dilation=2,
+                       quick=True, dtype=dtype),
+        _max_pool_case("2×2 s2, dilation (2,3), padding 1", (1, 7, 9, 2), 2, dilation=(2, 3),
+                       padding=1, dtype=dtype),
+        _max_pool_case("3×3 s2 ceil_mode, padding 1, r=1", (2, 8, 7, 2), 3, stride=2,
+                       padding=1, ceil_mode=True, dtype=dtype),
+        _max_pool_case("1D 2 s2 ceil_mode, last window half", (2, 9, 2), (2,), ceil_mode=True,
+                       dtype=dtype),
+        _max_pool_case("3×3 s2, padding 2 reflect", (1, 6, 7, 2), 3, stride=2, padding=2,
+                       padding_mode="reflect", dtype=dtype),
+        _max_pool_case("2×2 ceil, pads ((1,0),(0,1)) circular", (1, 5, 6, 2), 2,
+                       padding=((1, 0), (0, 1)), padding_mode="circular", ceil_mode=True,
+                       dtype=dtype),
+        _max_pool_case("3×3 s1, padding 1 replicate", (1, 5, 6, 2), 3, stride=1, padding=1,
+                       padding_mode="replicate", dtype=dtype),
+        _max_pool_case("7×7 s1 SAME (tap loop)", (1, 9, 8, 2), 7, stride=1, padding="SAME",
+                       dtype=dtype),
+        _max_pool_case("3D 3×3×3 s2, padding 1 (tap loop)", (1, 5, 6, 5, 2), 3, stride=2,
+                       padding=1, dtype=dtype),
+        _max_pool_case("ties=split, 3×3 s2 SAME", (2, 7, 6, 2), 3, stride=2, padding="SAME",
+                       ties="split", dtype=dtype),
+        _max_pool_case("ties=split: after relu, 3×3 s1", (2, 6, 6, 2), 3, stride=1,
+                       tied_x=after_relu, ties="split", quick=True, dtype=dtype),
+        _max_pool_case("ties=split: constant, 2×2", (1, 4, 4, 2), 2,
+                       tied_x=np.ones((1, 4, 4, 2)), ties="split", dtype=dtype),
     ]
 
 
@@ -336,7 +386,97 @@ def _avg_pool_cases(dtype: str) -> list:
                        dtype=dtype),
         _avg_pool_case("3D 2×2×2, padding 1, exclude pad", (1, 4, 5, 3, 2), 2,
                        padding=1, count_include_pad=False, dtype=dtype),
+        _avg_pool_case("3×3 s1, dilation 2, padding 2, exclude pad", (1, 7, 8, 2), 3,
+                       stride=1, dilation=2, padding=2, count_include_pad=False, dtype=dtype),
+        _avg_pool_case("3×3 s2 ceil_mode, padding 1, include pad", (2, 8, 7, 2), 3, stride=2,
+                       padding=1, ceil_mode=True, quick=True, dtype=dtype),
+        _avg_pool_case("3×3 s2 ceil_mode, padding 1, exclude pad", (2, 8, 7, 2), 3, stride=2,
+                       padding=1, ceil_mode=True, count_include_pad=False, dtype=dtype),
+        _avg_pool_case("2×2 s2, padding 1 reflect", (1, 5, 6, 2), 2, padding=1,
+                       padding_mode="reflect", dtype=dtype),
+        _avg_pool_case("5×5 s2, padding 2 circular (tap loop)", (1, 7, 6, 2), 5, stride=2,
+                       padding=2, padding_mode="circular", dtype=dtype),
+        _avg_pool_case("3D 3×3×3 s1, padding 1, exclude pad (tap loop)", (1, 4, 5, 4, 2), 3,
+                       stride=1, padding=1, count_include_pad=False, dtype=dtype),
     ]
+
+
+def _pad_cases(dtype: str) -> list:
+    rng = _rng("pad", "inputs")
+    x2, x1, x3 = (rng.standard_normal(s).astype(dtype)
+                  for s in ((2, 4, 5, 3), (2, 6, 2), (1, 3, 4, 3, 2)))
+    pads2 = ((2, 1), (0, 3))
+
+    def case(label, x, padding, mode, quick=False):
+        return _unary_case("pad", label, x, partial(pad, padding=padding, mode=mode),
+                           partial(_pad_manual_forward, pads=_shapes.pad_config(
+                               "pad", x.shape, padding, mode), mode=mode), quick)
+
+    return [
+        case("2D reflect ((3,1),(2,4)), the largest", x2, ((3, 1), (2, 4)), "reflect",
+             quick=True),
+        case("2D replicate ((2,1),(0,3))", x2, pads2, "replicate"),
+        case("2D circular ((2,1),(0,3))", x2, pads2, "circular"),
+        case("2D zeros ((2,1),(0,3))", x2, pads2, "zeros"),
+        case("1D reflect (5,5), the largest", x1, 5, "reflect"),
+        case("1D circular (6,6), the largest", x1, 6, "circular"),
+        case("3D reflect 1, corners reflected twice", x3, 1, "reflect"),
+        case("3D circular ((1,2),(3,0),(0,2))", x3, ((1, 2), (3, 0), (0, 2)), "circular"),
+    ]
+
+
+def _global_pool_cases(op: str, dtype: str) -> list:
+    rng = _rng(op, "inputs")
+    func, forward = {"global_avg_pool": (global_avg_pool, _global_avg_pool_manual_forward),
+                     "global_max_pool": (global_max_pool, _global_max_pool_manual_forward)}[op]
+    x2, x3 = _unique(rng, (2, 5, 6, 3), dtype), _unique(rng, (1, 3, 4, 5, 2), dtype)
+    cases = [_unary_case(op, "2D (2,5,6,3)", x2, func, forward, quick=True),
+             _unary_case(op, "3D (1,3,4,5,2)", x3, func, forward),
+             _unary_case(op, "1D (3,7,2)", _unique(rng, (3, 7, 2), dtype), func, forward)]
+    if op == "global_max_pool":
+        after_relu = np.maximum(rng.standard_normal((2, 4, 4, 2)), 0).astype(dtype)
+        split = partial(global_max_pool, ties="split")
+        cases += [
+            _unary_case(op, "ties=split, unique values", x2, split, forward),
+            _unary_case(op, "ties: after relu", after_relu, func, forward,
+                        skip={k: _TIES for k in ("bypass_grad", "finite_diff", "adjoint")}),
+            _unary_case(op, "ties=split: after relu", after_relu, split, forward,
+                        skip={k: _TIES_SPLIT for k in ("bypass_grad", "finite_diff",
+                                                       "adjoint")}),
+        ]
+    return cases
+
+
+def _adaptive_cases(op: str, dtype: str) -> list:
+    rng = _rng(op, "inputs")
+    func, forward = {
+        "adaptive_avg_pool": (adaptive_avg_pool, _adaptive_avg_pool_manual_forward),
+        "adaptive_max_pool": (adaptive_max_pool, _adaptive_max_pool_manual_forward)}[op]
+
+    def case(label, x, size, quick=False, skip=None, **kw):
+        windows = _shapes.adaptive_windows(op, x.shape, size)
+        return _unary_case(op, label, x, partial(func, output_size=size, **kw),
+                           partial(forward, windows=windows), quick, skip)
+
+    x = _unique(rng, (2, 7, 9, 3), dtype)
+    cases = [
+        case("(7,9) -> (3,4), overlapping windows", x, (3, 4), quick=True),
+        case("(7,9) -> (5,2), sizes 2-3 and 5", x, (5, 2)),
+        case("(7,9) -> (10,12), larger than the input", x, (10, 12)),
+        case("(7,9) -> (1,1), global", x, 1),
+        case("1D 7 -> 4", _unique(rng, (2, 7, 2), dtype), 4),
+        case("3D (5,4,6) -> (2,3,4)", _unique(rng, (1, 5, 4, 6, 2), dtype), (2, 3, 4)),
+    ]
+    if op == "adaptive_max_pool":
+        after_relu = np.maximum(rng.standard_normal((2, 7, 6, 2)), 0).astype(dtype)
+        cases += [
+            case("ties=split, (7,9) -> (3,4)", x, (3, 4), ties="split"),
+            case("ties: after relu, (7,6) -> (3,4)", after_relu, (3, 4),
+                 skip={k: _TIES for k in ("bypass_grad", "finite_diff", "adjoint")}),
+            case("ties=split: after relu, (7,6) -> (3,4)", after_relu, (3, 4), ties="split",
+                 skip={k: _TIES_SPLIT for k in ("bypass_grad", "finite_diff", "adjoint")}),
+        ]
+    return cases
 
 
 def _dense_cases(dtype: str) -> list:
@@ -536,6 +676,11 @@ OPS: dict[str, Callable[[str], list]] = {
     "conv_transpose": _conv_transpose_cases,
     "max_pool": _max_pool_cases,
     "avg_pool": _avg_pool_cases,
+    "global_max_pool": partial(_global_pool_cases, "global_max_pool"),
+    "global_avg_pool": partial(_global_pool_cases, "global_avg_pool"),
+    "adaptive_max_pool": partial(_adaptive_cases, "adaptive_max_pool"),
+    "adaptive_avg_pool": partial(_adaptive_cases, "adaptive_avg_pool"),
+    "pad": _pad_cases,
     "dense": _dense_cases,
     "relu": _relu_cases,
     "leaky_relu": _leaky_relu_cases,
