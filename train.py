@@ -1,6 +1,7 @@
 """Train a CNN: parse the command line into a TrainConfig and call jaxcnn.training.fit.
 
     python train.py                                   # LeNet-5 on the embedded digits, Adam
+    python train.py --model resnet                    # the ResNet, with its own default recipe
     python train.py --dataset mnist --epochs 10       # MNIST, downloaded once into the cache
     python train.py --dataset fashion_mnist --model small_cnn --data-dir ~/data
     python train.py --resume                          # continue the run in --out
@@ -47,8 +48,9 @@ def parse_command_line(argv=None) -> tuple[training.TrainConfig, Distributed]:
     """The command line as the run's configuration and its multi-process settings."""
     d = training.TrainConfig()
     p = argparse.ArgumentParser(
-        prog="train.py",
+        prog="train.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a CNN whose layers use hand-derived gradients (jaxcnn).",
+        epilog=_recipes_help(),
     )
     p.add_argument("--dataset", choices=data.DATASETS, default=d.dataset,
                    help="synthetic: the embedded digits, no download (default: %(default)s)")
@@ -60,14 +62,15 @@ def parse_command_line(argv=None) -> tuple[training.TrainConfig, Distributed]:
     p.add_argument("--impl", choices=("manual", "lax"), default=d.impl,
                    help="manual: the hand-derived gradients; lax: JAX's autodiff "
                         "(default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=d.epochs,
+    p.add_argument("--epochs", type=int, default=None,
                    help="epochs of the run; the learning rate follows a cosine over all of them, "
                         "so --resume takes the run's own --epochs (or a larger one once it has "
-                        "finished, to extend it) (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
-    p.add_argument("--lr", type=float, default=d.lr,
+                        "finished, to extend it) (default: the model's recipe, below)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default: the model's recipe, below")
+    p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate, decayed to 0 by a cosine over the run "
-                        "(default: %(default)s)")
+                        "(default: the model's recipe, below)")
     p.add_argument("--optimizer", choices=training.OPTIMIZERS, default=d.optimizer,
                    help="momentum: SGD with momentum 0.9 (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed,
@@ -96,8 +99,8 @@ def parse_command_line(argv=None) -> tuple[training.TrainConfig, Distributed]:
                         "and accumulation (default: %(default)s)")
     dist = p.add_argument_group(
         "many processes (one per host)",
-        "Start the same command in every process; JAX's distributed runtime connects them. "
-        "Process 0 prints and writes the files.")
+        "Start the same command in every process; JAX's distributed runtime connects\n"
+        "them. Process 0 prints and writes the files.")
     dist.add_argument("--coordinator", metavar="HOST:PORT",
                       help="address of process 0's coordinator service (default: "
                            f"${parallel.COORDINATOR_ENV})")
@@ -115,6 +118,14 @@ def parse_command_line(argv=None) -> tuple[training.TrainConfig, Distributed]:
         return training.TrainConfig(**args), distributed
     except (TypeError, ValueError) as err:
         p.error(str(err))
+
+
+def _recipes_help() -> str:
+    """The default recipe of each model (jaxcnn.training.RECIPES), for --help."""
+    lines = [f"  {name:<10} --epochs {r.epochs} --batch-size {r.batch_size} --lr {r.lr:g}"
+             for name, r in ((m, training.recipe_of(m)) for m in models.MODELS)]
+    return ("default recipe of each --model (jaxcnn.training.RECIPES; an option given\n"
+            "overrides its part):\n" + "\n".join(lines))
 
 
 def main(argv=None) -> int:

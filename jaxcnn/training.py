@@ -8,12 +8,27 @@ The pieces, each with one job::
     loss_fn(params, batch, apply=..., impl=...)      # mean cross-entropy of one batch
     train_step(params, opt_state, batch, apply=..., optimizer=..., impl=...)
                                                      # -> (params, opt_state, loss), jitted
-    evaluate(params, x, y, apply=..., impl=...)      # -> {"loss", "accuracy"} over all of x
+    train_step(params, opt_state, batch, apply=..., optimizer=..., impl=...,
+               model_state=model_state, rng=key)     # train mode, models with state or dropout
+                                                     # -> (params, opt_state, loss, model_state)
+    evaluate(params, x, y, apply=..., impl=...,      # -> {"loss", "accuracy"} over all of x,
+             model_state=model_state)                #    eval mode (running averages)
 
 ``fit`` reads like flax's MNIST example: :func:`train_epoch` runs the steps of one epoch on a
 :class:`TrainState`, :func:`evaluate` measures it, and the loop saves a checkpoint and a
 metrics record after each epoch. The checkpoint format lives in :mod:`jaxcnn.checkpoint`, the
 console lines, ``metrics.jsonl``, ``summary.json`` and plots in :mod:`jaxcnn._report`.
+
+Models with state (the ResNet's batch norms) follow the contract of :mod:`jaxcnn.nn`: ``fit``
+initializes ``model_state`` with ``init(key, input_shape, with_state=True)``; every training
+step runs the model in train mode (:func:`jaxcnn.nn.apply_model`: batch statistics, running
+averages moved and returned in the new :class:`TrainState`), evaluation in eval mode (the
+running averages, so nothing depends on the batch, not even the padded rows of the last eval
+batch). A model without state (LeNet-5, ``small_cnn``: a state tree without leaves) runs the
+stateless form of :func:`train_step` and :func:`evaluate`, exactly as before state existed.
+
+Each model has a default recipe (epochs, batch size, peak learning rate) in :data:`RECIPES`,
+which :class:`TrainConfig` and ``train.py --help`` read.
 
 What a run leaves in ``config.out`` (default ``runs/<dataset>-<model>-<impl>-seed<seed>``):
 
@@ -23,10 +38,13 @@ What a run leaves in ``config.out`` (default ``runs/<dataset>-<model>-<impl>-see
   configuration, replaced atomically after every epoch (see :mod:`jaxcnn.checkpoint`);
 - ``curves.png`` and ``filters.png`` when matplotlib is installed (the ``plot`` extra).
 
-Randomness: the initial parameters come from ``jax.random.key(seed)`` and the batch order of
-epoch ``e`` from ``numpy.random.default_rng([seed, e])`` (:func:`jaxcnn.data.batches`); there
-is no other random draw. So (seed, epoch) is the whole RNG state, a checkpoint stores both, and
-a resumed run on the same machine ends with exactly the parameters of an uninterrupted one.
+Randomness: the initial parameters come from ``jax.random.key(seed)``, the batch order of
+epoch ``e`` from ``numpy.random.default_rng([seed, e])`` (:func:`jaxcnn.data.batches`), and
+the key of training step ``t`` (0-based; dropout draws its masks from it) is
+:func:`step_key` ``(seed, t)``; there is no other random draw. So (seed, epoch) is the whole
+RNG state, a checkpoint stores both (and the step), and a resumed run on the same machine
+draws the same batches and masks and ends with exactly the parameters and model state of an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -52,6 +70,7 @@ from .activations import log_softmax
 from .checkpoint import load_everywhere, save_checkpoint
 from .losses import cross_entropy
 from .models import MODELS
+from .nn import apply_model
 
 OPTIMIZERS = ("adam", "sgd", "momentum")
 DTYPES = ("float32", "bfloat16")  # the compute dtype; params and optimizer state stay float32
@@ -59,6 +78,34 @@ MOMENTUM = 0.9  # the "momentum" optimizer: SGD with heavy-ball momentum 0.9
 EVAL_BATCH_SIZE = 1000  # evaluation batch (the last one is padded, so it compiles once)
 SYNC_EVERY = 25  # training steps between two reads of the losses (progress bar, NaN check)
 CHECKPOINT, METRICS, SUMMARY = checkpoint.FILENAME, _report.METRICS, _report.SUMMARY  # in out
+STEP_KEYS = 1  # step t's key is fold_in(fold_in(key(seed), STEP_KEYS), t): see step_key
+
+
+class Recipe(NamedTuple):
+    """A model's default training recipe: what :class:`TrainConfig` takes for the settings left
+    None (the optimizer is ``"adam"`` for every model, its rate decayed to 0 by a cosine)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+
+
+RECIPES = {
+    "lenet5": Recipe(epochs=3, batch_size=64, lr=2e-3),
+    "small_cnn": Recipe(epochs=3, batch_size=64, lr=2e-3),
+    # 2 epochs of 469 steps: the budget of 10 minutes on 2 CPU cores (README, "The ResNet").
+    # Batch 128 halves the steps of batch 64 at 3/4 of the time per image; batch norm
+    # tolerates the higher peak rate.
+    "resnet": Recipe(epochs=2, batch_size=128, lr=3e-3),
+}
+"""Model name -> its default :class:`Recipe`: the one place ``TrainConfig``, ``train.py``'s
+``--help`` and the README take the defaults of ``epochs``, ``batch_size`` and ``lr`` from."""
+
+
+def recipe_of(model: str) -> Recipe:
+    """The default recipe of ``model``: its entry of :data:`RECIPES`, or LeNet-5's for a model
+    registered in :data:`jaxcnn.models.MODELS` without one."""
+    return RECIPES.get(model, RECIPES["lenet5"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,6 +124,8 @@ class TrainConfig:
       epochs: total number of epochs (a resumed run trains up to this many).
       batch_size: training batch size, >= 1 and <= the number of training examples.
       lr: peak learning rate, a finite number > 0 that float32 holds (the update's dtype).
+        ``epochs``, ``batch_size`` and ``lr`` left None take the model's recipe
+        (:data:`RECIPES`) when the config is made; the config then holds the numbers.
       optimizer: one of :data:`OPTIMIZERS`.
       seed: seed of the initial parameters, the batch order and the synthetic data.
       out: output directory; None: ``runs/<dataset>-<model>-<impl>-seed<seed>``. One run at a
@@ -99,9 +148,9 @@ class TrainConfig:
     data_dir: str | None = None
     model: str = "lenet5"
     impl: str = "manual"
-    epochs: int = 3
-    batch_size: int = 64
-    lr: float = 2e-3
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
     optimizer: str = "adam"
     seed: int = 0
     out: str | None = None
@@ -117,6 +166,10 @@ class TrainConfig:
         fn = "TrainConfig"
         _shapes.check_choice(fn, "dataset", self.dataset, data.DATASETS)
         _shapes.check_choice(fn, "model", self.model, tuple(MODELS))
+        recipe = recipe_of(self.model)
+        for name, value in recipe._asdict().items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)  # frozen: set once, while being made
         _shapes.check_choice(fn, "impl", self.impl, IMPLS)
         _shapes.check_choice(fn, "optimizer", self.optimizer, OPTIMIZERS)
         _shapes.check_choice(fn, "dtype", self.dtype, DTYPES)
@@ -229,9 +282,9 @@ class TrainState(NamedTuple):
 
     Attributes:
       params: the trainable parameters (a pytree, float32 master copies).
-      model_state: non-trainable layer state (a pytree, e.g. batch norm running statistics);
-        ``{}`` for models without any, which is every model of :data:`jaxcnn.models.MODELS`
-        today.
+      model_state: non-trainable layer state, from ``init(..., with_state=True)`` (a pytree:
+        the batch norms' running averages of ``resnet``, float32 whatever the compute dtype);
+        a tree without leaves (``[{}, {}, ...]``, or ``{}``) for models without state.
       opt_state: the optimizer state (its step count drives the learning-rate schedule).
       step: optimizer steps taken.
       epoch: epochs finished.
@@ -248,70 +301,143 @@ class TrainState(NamedTuple):
 # The loss, the step, evaluation.
 
 
-def loss_fn(params, batch, *, apply: Callable, impl: str, dtype: str = "float32"):
+def loss_fn(params, batch, *, apply: Callable, impl: str, dtype: str = "float32",
+            model_state=None, rng=None):
     """Mean softmax cross-entropy of the model on ``batch = (x, y)``:
     ``L = -(1/N) Σ_n log softmax(apply(params, x)_n)[y_n]``.
+
+    Without ``model_state`` and ``rng`` the model is called as ``apply(params, x, impl=impl)``
+    (any function of that form) and the loss is returned. With either, it runs in train mode
+    (:func:`_logits`); with ``model_state``, the result is ``(loss, new_model_state)``, ready
+    for ``jax.value_and_grad(..., has_aux=True)``.
 
     With ``dtype="bfloat16"`` (mixed precision) the model runs on bfloat16 copies of ``x`` and
     of the float32 ``params``; its logits are cast back to float32 for the softmax and the
     loss. The gradient of each cast is the reverse cast, so ``jax.grad`` of this function with
-    respect to float32 params is float32.
+    respect to float32 params is float32. ``model_state`` is not cast: batch norm's running
+    averages stay float32.
     """
     x, y = batch
-    return cross_entropy(_logits(params, x, apply, impl, dtype), y, impl=impl)
+    train = model_state is not None or rng is not None
+    logits, new_state = _logits(params, x, apply, impl, dtype, train=train,
+                                model_state=model_state, rng=rng)
+    loss = cross_entropy(logits, y, impl=impl)
+    return loss if model_state is None else (loss, new_state)
 
 
-def _logits(params, x, apply, impl, dtype):
-    """The model's logits; with ``dtype="bfloat16"`` computed in bfloat16 and returned as
-    float32 (``"float32"`` leaves every dtype as it is, so float64 params stay float64)."""
-    if dtype == "float32":
-        return apply(params, x, impl=impl)
-    params = jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
-    return apply(params, x.astype(dtype), impl=impl).astype(jnp.float32)
+def _logits(params, x, apply, impl, dtype, *, train=False, model_state=None, rng=None):
+    """``(logits, new_model_state)``: the model's logits, and its new state (None without one).
+
+    - neither ``train`` nor ``model_state``: ``apply(params, x, impl=impl)``, as it is;
+    - ``model_state``: :func:`jaxcnn.nn.apply_model` in train or eval mode;
+    - ``train`` without ``model_state``: ``apply(params, x, impl=impl, train=True, rng=rng)``
+      (a model of :mod:`jaxcnn.nn` without state, dropout on).
+
+    With ``dtype="bfloat16"`` the model runs in bfloat16 and the logits are returned as
+    float32 (``"float32"`` leaves every dtype as it is, so float64 params stay float64).
+    """
+    half = dtype != "float32"
+    if half:
+        params = jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
+        x = x.astype(dtype)
+    new_state = None
+    if model_state is not None:
+        logits, new_state = apply_model(apply, params, model_state, x, train=train, rng=rng,
+                                        impl=impl)
+    elif train:
+        logits = apply(params, x, impl=impl, train=True, rng=rng)
+    else:
+        logits = apply(params, x, impl=impl)
+    return (logits.astype(jnp.float32) if half else logits), new_state
 
 
 @partial(jax.jit, static_argnames=("apply", "optimizer", "impl", "dtype"))
 def train_step(params, opt_state, batch, *, apply: Callable, optimizer, impl: str,
-               dtype: str = "float32"):
-    """One optimizer step on ``batch = (x, y)``: ``(params, opt_state, loss)`` after it.
+               dtype: str = "float32", model_state=None, rng=None):
+    """One optimizer step on ``batch = (x, y)``: ``(params, opt_state, loss)`` after it, or
+    ``(params, opt_state, loss, model_state)`` when given ``model_state``.
+
+    Two forms:
+
+    - **stateless** (no ``model_state``, no ``rng``): ``apply(params, x, impl=impl)`` is
+      called as it is, so any function of that form works (your own, stax-style);
+    - **train mode** (a model of :mod:`jaxcnn.nn`): pass ``model_state``, the model's state
+      from ``init(key, input_shape, with_state=True)``, and ``rng``, the step's PRNG key
+      (needed when the model has ``Dropout``; derive a new one per step, e.g.
+      :func:`step_key`). The model runs through :func:`jaxcnn.nn.apply_model` with
+      ``train=True``: batch norm normalizes with the batch statistics and returns its moved
+      running averages, which come back as the fourth result (not differentiated). ``rng``
+      alone runs a model without state in train mode (dropout on) and returns three results.
 
     ``loss`` is the loss of the batch *before* the update. ``optimizer`` is an
     :class:`Optimizer` or any optax ``GradientTransformation``. ``apply``, ``optimizer``,
     ``impl`` and ``dtype`` are static: one compilation per (apply, optimizer, impl, dtype,
-    batch shape, shardings), where jit compares ``apply`` and ``optimizer`` with ``==``. An
-    :class:`Optimizer` compares by its settings; a function, or an optax transformation you
+    batch shape, shardings, form), where jit compares ``apply`` and ``optimizer`` with ``==``.
+    An :class:`Optimizer` compares by its settings; a function, or an optax transformation you
     build yourself, compares by identity, so make it once and pass the same object to every
     step (``fit`` passes its model as a value too, see ``_Model``).
 
     Data parallelism needs nothing here: given a batch split over a mesh's ``"data"`` axis and
-    replicated params (:mod:`jaxcnn.parallel`), XLA computes each device's share of the batch
-    where it lies and sums the gradients across devices (the mean over the batch becomes an
-    all-reduce); the updated params come back replicated.
+    replicated params and model state (:mod:`jaxcnn.parallel`), XLA computes each device's
+    share of the batch where it lies and sums the gradients across devices (the mean over the
+    batch becomes an all-reduce); batch norm's statistics, means over the batch in this one
+    jitted step, are those of the global batch in the same way. The updated params and model
+    state come back replicated.
     """
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch, apply=apply, impl=impl,
-                                              dtype=dtype)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=model_state is not None)
+    value, grads = grad_fn(params, batch, apply=apply, impl=impl, dtype=dtype,
+                           model_state=model_state, rng=rng)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    params = optax.apply_updates(params, updates)
+    if model_state is None:
+        return params, opt_state, value
+    loss, model_state = value
+    return params, opt_state, loss, model_state
+
+
+def step_key(seed: int, step: int):
+    """The PRNG key of training step ``step`` (0-based) of a run with ``seed``, the key its
+    dropout masks come from: ``fold_in(fold_in(key(seed), STEP_KEYS), step)``. A function of
+    (seed, step) alone, so a resumed run draws the masks of an uninterrupted one; the stream
+    ``STEP_KEYS`` keeps it apart from the initial parameters' ``split(key(seed))``."""
+    return jax.random.fold_in(_step_keys(seed), step)
+
+
+def _step_keys(seed: int, mesh=None):
+    """``fold_in(key(seed), STEP_KEYS)``, replicated on ``mesh`` (every process the same)."""
+    base = jax.random.fold_in(jax.random.key(seed), STEP_KEYS)
+    if mesh is None:
+        return base
+    return jax.random.wrap_key_data(parallel.replicate(jax.random.key_data(base), mesh))
 
 
 @partial(jax.jit, static_argnames=("apply", "impl", "dtype"))
-def _eval_step(params, x, y, mask, *, apply: Callable, impl: str, dtype: str):
-    """Summed cross-entropy and number of correct predictions over the rows where ``mask``."""
-    logp = log_softmax(_logits(params, x, apply, impl, dtype), impl=impl)
+def _eval_step(params, x, y, mask, *, apply: Callable, impl: str, dtype: str,
+               model_state=None):
+    """Summed cross-entropy and number of correct predictions over the rows where ``mask``;
+    eval mode (running averages) when given ``model_state``."""
+    logits, _ = _logits(params, x, apply, impl, dtype, model_state=model_state)
+    logp = log_softmax(logits, impl=impl)
     losses = -jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
     correct = jnp.argmax(logp, axis=-1) == y
     return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(correct & mask)
 
 
 def evaluate(params, x, y, *, apply: Callable, impl: str, batch_size: int = EVAL_BATCH_SIZE,
-             dtype: str = "float32", mesh=None):
+             dtype: str = "float32", mesh=None, model_state=None):
     """Mean loss and accuracy over *every* example of ``(x, y)``.
 
     Batches of ``min(batch_size, len(x))`` rows, rounded up to a multiple of the device count;
     the last partial batch is padded to that size and its padding masked out, so the evaluation
     compiles once whatever ``len(x)`` is. With a ``mesh`` (:func:`jaxcnn.parallel.data_mesh`)
     every batch is split over its devices, each process supplying its own rows, and ``params``
-    must be replicated on it. Sums stay on the devices until the end: one host transfer.
+    (and ``model_state``) must be replicated on it. Sums stay on the devices until the end: one
+    host transfer.
+
+    ``model_state``: a model of :mod:`jaxcnn.nn` with state runs in eval mode through
+    :func:`jaxcnn.nn.apply_model`, batch norm normalizing with its running averages, so each
+    row's prediction depends on that row alone (the padding rows change nothing). Without it
+    the model is called as ``apply(params, x, impl=impl)``.
 
     Returns:
       ``{"loss": float, "accuracy": float in [0, 1], "correct": int, "n": int}``.
@@ -327,7 +453,7 @@ def evaluate(params, x, y, *, apply: Callable, impl: str, batch_size: int = EVAL
         idx = _pad_to(idx, size)[rows]  # padding rows read example 0, masked out
         xb, yb, mb = _put(mesh, size, x[idx], y[idx], mask[rows])
         batch_loss, batch_correct = _eval_step(params, xb, yb, mb, apply=apply, impl=impl,
-                                               dtype=dtype)
+                                               dtype=dtype, model_state=model_state)
         loss_sum, correct = loss_sum + batch_loss, correct + batch_correct
     loss_sum, correct = parallel.host((loss_sum, correct))
     return {"loss": float(loss_sum) / n, "accuracy": int(correct) / n, "correct": int(correct),
@@ -403,11 +529,13 @@ class _Model(NamedTuple):
     name: str
     num_classes: int
 
-    def init(self, key, input_shape):
-        return MODELS[self.name](self.num_classes).init(key, input_shape)
+    def init(self, key, input_shape, *, with_state=False):
+        return MODELS[self.name](self.num_classes).init(key, input_shape,
+                                                         with_state=with_state)
 
-    def __call__(self, params, x, *, impl):
-        return MODELS[self.name](self.num_classes).apply(params, x, impl=impl)
+    def __call__(self, params, x, *, impl, **mode):
+        """The model's ``apply``; ``mode``: ``train``, ``rng``, ``state`` (:mod:`jaxcnn.nn`)."""
+        return MODELS[self.name](self.num_classes).apply(params, x, impl=impl, **mode)
 
 
 class _Run(NamedTuple):
@@ -520,10 +648,17 @@ def _prepare(fn, config: TrainConfig, dataset) -> _Run:
 
 
 def _initial_state(run: _Run) -> TrainState:
-    """Fresh params from ``jax.random.key(seed)``, no model state, a fresh optimizer state."""
-    _, params = run.model.init(jax.random.key(run.config.seed),
-                               (-1, *run.ds.train_x.shape[1:]))
-    return TrainState(params, {}, run.optimizer.init(params))
+    """Fresh params and model state from ``jax.random.key(seed)``, a fresh optimizer state."""
+    _, params, model_state = run.model.init(jax.random.key(run.config.seed),
+                                            (-1, *run.ds.train_x.shape[1:]), with_state=True)
+    return TrainState(params, model_state, run.optimizer.init(params))
+
+
+def _state_of(state: TrainState):
+    """The ``model_state`` to pass to :func:`train_step` and :func:`evaluate`: the state's own,
+    or None for a model without state (so it runs the stateless form, as before state
+    existed)."""
+    return state.model_state if jax.tree_util.tree_leaves(state.model_state) else None
 
 
 def _replicate(state: TrainState, mesh) -> TrainState:
@@ -580,7 +715,8 @@ def train_epoch(run: _Run, state: TrainState):
     """
     config, ds = run.config, run.ds
     rows = parallel.process_rows(run.mesh, config.batch_size)
-    params, opt_state = state.params, state.opt_state
+    params, opt_state, model_state = state.params, state.opt_state, _state_of(state)
+    keys = _step_keys(config.seed, run.mesh)
     done, pending = [], []
     started = time.perf_counter()
     with _progress_bar(run, state.epoch) as bar:
@@ -588,9 +724,13 @@ def train_epoch(run: _Run, state: TrainState):
                                                    seed=config.seed, epoch=state.epoch)):
             batch = _put(run.mesh, config.batch_size, ds.train_x[idx[rows]],
                          ds.train_y[idx[rows]])
-            params, opt_state, loss = train_step(params, opt_state, batch, apply=run.model,
-                                                 optimizer=run.optimizer, impl=config.impl,
-                                                 dtype=config.dtype)
+            step_args = dict(apply=run.model, optimizer=run.optimizer, impl=config.impl,
+                             dtype=config.dtype, rng=jax.random.fold_in(keys, state.step + i))
+            if model_state is None:
+                params, opt_state, loss = train_step(params, opt_state, batch, **step_args)
+            else:
+                params, opt_state, loss, model_state = train_step(
+                    params, opt_state, batch, model_state=model_state, **step_args)
             pending.append(loss)
             step = state.step + i + 1
             if parallel.preempted(step):
@@ -604,6 +744,7 @@ def train_epoch(run: _Run, state: TrainState):
                 pending = []
     seconds = time.perf_counter() - started
     state = state._replace(params=params, opt_state=opt_state,
+                           model_state=state.model_state if model_state is None else model_state,
                            step=state.step + run.steps_per_epoch, epoch=state.epoch + 1)
     return state, np.concatenate(done), seconds
 
@@ -649,7 +790,8 @@ def _train_and_evaluate(run: _Run, state: TrainState):
     """One epoch of training, then the test set: ``(state, the epoch's record, losses)``."""
     state, losses, seconds = train_epoch(run, state)
     test = evaluate(state.params, run.ds.test_x, run.ds.test_y, apply=run.model,
-                    impl=run.config.impl, dtype=run.config.dtype, mesh=run.mesh)
+                    impl=run.config.impl, dtype=run.config.dtype, mesh=run.mesh,
+                    model_state=_state_of(state))
     _check_state(run, state, test)
     record = {
         "epoch": state.epoch,
@@ -822,9 +964,11 @@ def _eval_only(run: _Run, state: TrainState) -> FitResult:
     """Evaluate the checkpoint in ``config.out`` on the test set and print the result."""
     state, meta = load_everywhere(run.checkpoint, state)
     saved = _saved_config(run.checkpoint, state, meta)
-    state = state._replace(params=parallel.replicate(state.params, run.mesh))
+    params, model_state = parallel.replicate((state.params, state.model_state), run.mesh)
+    state = state._replace(params=params, model_state=model_state)
     test = evaluate(state.params, run.ds.test_x, run.ds.test_y, apply=run.model,
-                    impl=run.config.impl, dtype=run.config.dtype, mesh=run.mesh)
+                    impl=run.config.impl, dtype=run.config.dtype, mesh=run.mesh,
+                    model_state=_state_of(state))
     if parallel.is_main_process():
         note = _report.test_set_note(run.config, saved)
         print(*([note] if note else []), _report.eval_line(run.checkpoint, state, test),

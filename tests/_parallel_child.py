@@ -6,7 +6,8 @@ JAX fixes its devices when it starts, so the multi-device runs happen in fresh p
     python tests/_parallel_child.py devices OUT_JSON RUN_DIR
         in one process with 4 forced CPU devices: train on 4 devices and on 1 device, record
         the step losses, the shardings the training step really received and returned, and
-        run ``train.py`` with a batch that 4 does not divide.
+        run ``train.py`` with a batch that 4 does not divide; and one training step of a model
+        with batch norm on 4 devices and on 1 (its running averages).
     python tests/_parallel_child.py process OUT_JSON RUN_DIR COORDINATOR NUM_PROCESSES ID
         one process of a multi-process run (2 forced CPU devices each), through train.py's own
         --coordinator / --num-processes / --process-id path.
@@ -69,6 +70,41 @@ def spy_on_train_step(training, seen: list):
     return real
 
 
+def stateful_step():
+    """One train-mode step of conv -> batch norm -> dense, its batch split over the 4 devices,
+    against the same step on one device: the new running averages, the params, and how far
+    the statistics of one device's share of the batch are from the global ones."""
+    from jaxcnn import data, nn, parallel, training
+
+    init, apply = nn.serial(nn.Conv(4, 3, stride=2, use_bias=False), nn.BatchNorm(), nn.Relu,
+                            nn.Flatten, nn.Dense(10))
+    _, params, state = init(jax.random.key(0), (-1, 28, 28, 1), with_state=True)
+    ds = data.load_dataset("synthetic", n_train=BATCH, n_test=1, seed=0)
+    x = ds.train_x + np.arange(BATCH, dtype=np.float32)[:, None, None, None] / 8  # shards differ
+    opt = training.make_optimizer("adam", 2e-3)
+    step = dict(apply=apply, optimizer=opt, impl="manual")
+    mesh = parallel.data_mesh(4)
+    p, o, s = parallel.replicate((params, opt.init(params), state), mesh)
+    batch = (parallel.shard(mesh, x, BATCH), parallel.shard(mesh, ds.train_y, BATCH))
+    keys = training._step_keys(0, mesh)
+    p4, _, loss4, s4 = training.train_step(p, o, batch, model_state=s,
+                                           rng=jax.random.fold_in(keys, 0), **step)
+    p1, _, loss1, s1 = training.train_step(params, opt.init(params), (x, ds.train_y),
+                                           model_state=state, rng=training.step_key(0, 0), **step)
+    share = (x[:BATCH // 4], ds.train_y[:BATCH // 4])               # device 0's rows alone
+    shard0 = training.train_step(params, opt.init(params), share, model_state=state,
+                                 rng=training.step_key(0, 0), **step)[3]
+
+    def diff(a, b):
+        return max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
+                   for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+    return {"state_diff": diff(s4, s1), "params_diff": diff(p4, p1),
+            "loss_diff": abs(float(loss4) - float(loss1)), "shard_vs_global": diff(shard0, s1),
+            "moved": diff(s1, state), "batch_x": sharding_of(batch[0]),
+            "state_out": [sharding_of(a) for a in jax.tree_util.tree_leaves(s4)]}
+
+
 def devices_mode(out_json, run_dir):
     from jaxcnn import training
 
@@ -99,6 +135,7 @@ def devices_mode(out_json, run_dir):
         code = cli.main([*ARGS, "--batch-size", "30", "--out", f"{run_dir}/bad"])
     result["bad_batch"] = {"code": code, "stderr": err.getvalue(),
                            "out_exists": pathlib.Path(f"{run_dir}/bad").exists()}
+    result["stateful"] = stateful_step()
     pathlib.Path(out_json).write_text(json.dumps(result))
 
 

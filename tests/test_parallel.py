@@ -114,6 +114,17 @@ def test_params_and_optimizer_state_stay_replicated(children):
         assert_replicated(runs[n]["final_params"], int(n), f"params after fit, {n} devices")
 
 
+def test_batch_norm_in_a_sharded_step_uses_the_global_batch_statistics(children):
+    """One train-mode step (jaxcnn.training.train_step with model_state) of a model with batch
+    norm, its batch split 8 rows per device: the running averages come back replicated and
+    equal to those of one device, whereas one device's share alone would move them far off."""
+    r = children["results"]["devices"]["stateful"]
+    assert r["batch_x"]["shard_shapes"] == [[BATCH // 4, 28, 28, 1]], r["batch_x"]
+    assert r["moved"] > 1e-2 and r["shard_vs_global"] > 1e-2, r     # the check can fail
+    assert r["state_diff"] < 1e-5 and r["params_diff"] < 1e-5 and r["loss_diff"] < 1e-5, r
+    assert_replicated(r["state_out"], 4, "model state after the step")
+
+
 def test_eval_only_on_any_number_of_devices_reports_the_training_runs_accuracy(children):
     result = children["results"]["devices"]
     trained = result["runs"]["4"]

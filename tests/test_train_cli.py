@@ -133,6 +133,30 @@ def test_overwrite_reaches_the_config():
     assert cli.parse_args(["--overwrite"]) == training.TrainConfig(overwrite=True)
 
 
+def test_each_model_gets_its_recipe_and_help_lists_them(capsys):
+    for name, recipe in training.RECIPES.items():
+        c = cli.parse_args(["--model", name])
+        assert c == training.TrainConfig(model=name)
+        assert (c.epochs, c.batch_size, c.lr) == recipe
+    c = cli.parse_args(["--model", "resnet", "--batch-size", "32"])
+    assert (c.epochs, c.batch_size, c.lr) == (2, 32, training.RECIPES["resnet"].lr)
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    out = capsys.readouterr().out
+    for name, r in training.RECIPES.items():
+        line = f"  {name:<10} --epochs {r.epochs} --batch-size {r.batch_size} --lr {r.lr:g}\n"
+        assert line in out
+    assert "(default: the model's recipe, below)" in out
+
+
+def test_the_readme_states_the_resnet_recipe():
+    """The README's ResNet section names the recipe of training.RECIPES, the one place."""
+    r = training.RECIPES["resnet"]
+    readme = (ROOT / "README.md").read_text()
+    assert (f"`python train.py --model resnet` (its recipe: {r.epochs} epochs, batch "
+            f"{r.batch_size}, Adam {r.lr:g} with cosine decay)") in readme
+
+
 def test_distributed_options_are_kept_apart_from_the_config():
     config, dist = cli.parse_command_line(["--coordinator", "10.0.0.1:1234", "--num-processes",
                                            "4", "--process-id", "3", "--epochs", "2"])

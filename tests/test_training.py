@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcnn import _io, _report, data, models, training
+import jaxcnn as jc
+from jaxcnn import _io, _report, data, models, nn, training
 from jaxcnn.check import BFLOAT16_TOLERANCES
 from jaxcnn.checkpoint import load_checkpoint, save_checkpoint
 from jaxcnn.training import TrainConfig, TrainState
@@ -110,6 +111,20 @@ def test_config_is_plain_data_with_a_default_out():
     assert str(TrainConfig(out="/x/y").out_dir) == "/x/y"
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.epochs = 5
+
+
+def test_each_model_has_a_default_recipe_that_given_settings_override():
+    assert set(training.RECIPES) == set(models.MODELS)
+    assert training.RECIPES["lenet5"] == training.Recipe(epochs=3, batch_size=64, lr=2e-3)
+    for name, recipe in training.RECIPES.items():
+        c = TrainConfig(model=name)
+        assert (c.epochs, c.batch_size, c.lr) == recipe, name
+        assert c == TrainConfig(model=name, **recipe._asdict())       # it holds the numbers
+        assert c.to_json()["batch_size"] == recipe.batch_size
+    c = TrainConfig(model="resnet", epochs=5)                   # a given setting wins
+    assert (c.epochs, c.batch_size, c.lr) == (5, *training.RECIPES["resnet"][1:])
+    with pytest.raises(ValueError, match=r"TrainConfig: epochs must be >= 1; got 0"):
+        TrainConfig(model="resnet", epochs=0)
 
 
 def test_fit_rejects_what_is_not_a_config():
@@ -854,3 +869,163 @@ def test_signals_are_held_back_while_an_epoch_is_written(monkeypatch):
     assert written == ["checkpoint", "metrics"]
     assert touched == [signal.SIGINT, signal.SIGINT]         # held back, then put back
     assert real_getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# ------------------------------------------------------------------------------------------
+# Models with state (batch norm's running averages) and randomness (dropout).
+
+# Conv -> BatchNorm -> Relu -> Dropout -> Dense: state and a key, small enough to compile in
+# a second. One object, so every test here reuses the same compiled step.
+BN_NET_LAYERS = (nn.Conv(4, 3, stride=2, use_bias=False), nn.BatchNorm(), nn.Relu, nn.Flatten,
+                 nn.Dropout(0.5), nn.Dense(10))
+BN_NET = nn.serial(*BN_NET_LAYERS)
+
+
+@pytest.fixture(scope="module")
+def bn_net():
+    init, apply = BN_NET
+    _, params, state = init(jax.random.key(0), (-1, 28, 28, 1), with_state=True)
+    return apply, params, state
+
+
+def test_a_stateful_step_moves_the_running_averages_and_evaluation_uses_them(bn_net, small):
+    apply, params0, state0 = bn_net
+    opt = training.make_optimizer("adam", LR)
+    batches = list(data.batches(small.train_x, small.train_y, BATCH, seed=0, epoch=0))[:3]
+    params, opt_state, state, states = params0, opt.init(params0), state0, [state0]
+    for t, batch in enumerate(batches):
+        params, opt_state, loss, state = training.train_step(
+            params, opt_state, batch, apply=apply, optimizer=opt, impl=IMPL, model_state=state,
+            rng=training.step_key(0, t))
+        states.append(state)
+        assert state[1]["mean"].dtype == state[1]["var"].dtype == jnp.float32
+    # Step 1 by hand: the batch statistics of the conv output under the initial params (the
+    # biased variance), moved in with momentum 0.9 from mean 0, var 1.
+    z = np.asarray(jc.conv(batches[0][0], params0[0]["kernel"], stride=2), np.float64)
+    np.testing.assert_allclose(states[1][1]["mean"], 0.1 * z.mean(axis=(0, 1, 2)), rtol=1e-5,
+                               atol=1e-7)
+    np.testing.assert_allclose(states[1][1]["var"], 0.9 + 0.1 * z.var(axis=(0, 1, 2)),
+                               rtol=1e-5)
+    for before, after in zip(states, states[1:]):                 # every step moves them
+        assert not np.array_equal(before[1]["mean"], after[1]["mean"])
+    # Evaluation: eval mode with the running averages, over 100 = 3 * 32 + 4 rows (the last
+    # batch padded): the same as the whole test set at once in eval mode, so the padding and
+    # the other rows of a batch change nothing.
+    x, y = small.test_x, small.test_y
+    logits, same = nn.apply_model(apply, params, state, x, train=False, impl=IMPL)
+    assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(same),
+                                      jax.tree_util.tree_leaves(state)))
+    logp = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64)))
+    got = training.evaluate(params, x, y, apply=apply, impl=IMPL, batch_size=BATCH,
+                            model_state=state)
+    assert got["correct"] == int(np.sum(logp.argmax(1) == y))
+    assert got["loss"] == pytest.approx(-logp[np.arange(100), y].mean(), rel=1e-5)
+    fresh = training.evaluate(params, x, y, apply=apply, impl=IMPL, batch_size=BATCH,
+                              model_state=state0)
+    assert abs(fresh["loss"] - got["loss"]) > 1e-3            # it did use the running averages
+
+
+def test_dropout_in_the_step_draws_a_mask_per_key_and_none_in_eval(bn_net, small):
+    apply, params, state = bn_net
+    batch = (small.train_x[:BATCH], small.train_y[:BATCH])
+    loss = jax.jit(training.loss_fn, static_argnames=("apply", "impl", "dtype"))
+
+    def train_loss(key):
+        return float(loss(params, batch, apply=apply, impl=IMPL, model_state=state,
+                          rng=key)[0])
+
+    keys = [training.step_key(0, t) for t in range(3)]
+    losses = [train_loss(k) for k in keys]
+    assert len(set(losses)) == 3                            # another step, another mask
+    assert train_loss(training.step_key(0, 1)) == losses[1]  # a function of (seed, step)
+    assert train_loss(training.step_key(1, 1)) != losses[1]  # ... and of the seed
+    assert not np.array_equal(jax.random.key_data(training.step_key(0, 0)),
+                              jax.random.key_data(jax.random.split(jax.random.key(0))[0]))
+    # Eval mode: no mask, whatever the key; the same result every time.
+    evals = [training.evaluate(params, *batch, apply=apply, impl=IMPL, model_state=state)
+             for _ in range(2)]
+    assert evals[0] == evals[1]
+    want, _ = nn.apply_model(apply, params, state, batch[0], train=False, impl=IMPL)
+    without_dropout = nn.serial(*BN_NET_LAYERS[:4], BN_NET_LAYERS[5])
+    no_drop = [p for i, p in enumerate(params) if i != 4]
+    got, _ = nn.apply_model(without_dropout.apply, no_drop, [s for i, s in enumerate(state)
+                                                              if i != 4], batch[0], train=False,
+                            impl=IMPL)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_stateless_model_steps_the_same_with_or_without_a_key(lenet, small):
+    """LeNet-5 has no state and no dropout: the train-mode step fit runs (a key, no
+    model_state) gives bitwise the step of the stateless form, three results."""
+    apply, params = lenet
+    opt = training.make_optimizer("adam", LR)
+    batch = (small.train_x[:BATCH], small.train_y[:BATCH])
+    plain = training.train_step(params, opt.init(params), batch, apply=apply, optimizer=opt,
+                                impl=IMPL)
+    keyed = training.train_step(params, opt.init(params), batch, apply=apply, optimizer=opt,
+                                impl=IMPL, rng=training.step_key(0, 0))
+    assert len(plain) == len(keyed) == 3 and tree_equal(plain, keyed)
+
+
+def test_bfloat16_keeps_the_running_averages_float32(bn_net, small):
+    apply, params, state = bn_net
+    opt = training.make_optimizer("adam", LR)
+    batch = (small.train_x[:BATCH], small.train_y[:BATCH])
+    moved = {}
+    for dtype in training.DTYPES:
+        new_params, _, loss, moved[dtype] = training.train_step(
+            params, opt.init(params), batch, apply=apply, optimizer=opt, impl=IMPL, dtype=dtype,
+            model_state=state, rng=training.step_key(0, 0))
+        assert loss.dtype == jnp.float32
+        for leaf in jax.tree_util.tree_leaves((new_params, moved[dtype])):
+            assert leaf.dtype == jnp.float32, (dtype, leaf.dtype)
+    for k in ("mean", "var"):                                    # bfloat16 activations
+        np.testing.assert_allclose(moved["bfloat16"][1][k], moved["float32"][1][k],
+                                   rtol=2e-2, atol=2e-3)
+        assert not np.array_equal(moved["bfloat16"][1][k], moved["float32"][1][k])
+
+
+def test_resnet_resume_is_bitwise_exact_with_its_state(tmp_path, small, monkeypatch):
+    """The ResNet on 64 images, batch 16, 2 epochs (8 steps): a run killed in epoch 2 and
+    resumed equals the uninterrupted run bit for bit, params, optimizer state and running
+    averages, with the same step keys; the checkpoint holds the running averages, and
+    --eval-only evaluates with them."""
+    ds = subset(small, 64)
+    settings = dict(model="resnet", batch_size=16, epochs=2)
+    real, keys = training.train_step, []
+
+    def spy(*args, rng, **kwargs):
+        keys.append(np.asarray(jax.random.key_data(rng)))
+        if len(keys) == 6 and killing:                           # step 6 of 8, in epoch 2
+            raise KeyboardInterrupt
+        return real(*args, rng=rng, **kwargs)
+
+    monkeypatch.setattr(training, "train_step", spy)
+    killing = False
+    straight = training.fit(config(tmp_path, "straight", **settings), dataset=ds)
+    straight_keys, keys[:], killing = list(keys), [], True
+    with pytest.raises(training.Interrupted):
+        training.fit(config(tmp_path, "resumed", **settings), dataset=ds)
+    keys[:], killing = [], False
+    resumed = training.fit(config(tmp_path, "resumed", resume=True, **settings), dataset=ds)
+
+    _, _, fresh = models.resnet().init(jax.random.key(0), (-1, 28, 28, 1), with_state=True)
+    moved = [(a, b) for a, b in zip(jax.tree_util.tree_leaves(straight.model_state),
+                                    jax.tree_util.tree_leaves(fresh))]
+    assert len(moved) == 2 * 9 and not any(np.array_equal(a, b) for a, b in moved)
+    assert resumed.step == straight.step == 8
+    assert len(straight_keys) == 8 and len({k.tobytes() for k in straight_keys}) == 8
+    assert all(np.array_equal(a, b) for a, b in zip(keys, straight_keys[4:])) and len(keys) == 4
+    for field in ("params", "model_state", "opt_state"):
+        assert tree_equal(getattr(resumed, field), getattr(straight, field)), field
+    assert [r["test_loss"] for r in resumed.history] == [r["test_loss"] for r in straight.history]
+    # The checkpoint round trip: the running averages are in the file, by name, as they were.
+    path = tmp_path / "resumed" / "checkpoint.npz"
+    with np.load(path) as f:
+        assert "['model_state'][1]['mean']" in f.files
+    state, _ = load_checkpoint(path, straight.state)
+    assert tree_equal(state.model_state, straight.model_state)
+    evaluated = training.fit(config(tmp_path, "resumed", eval_only=True, **settings), dataset=ds)
+    assert evaluated.summary["test_loss"] == pytest.approx(straight.history[-1]["test_loss"],
+                                                            rel=1e-6)
+    assert evaluated.summary["test_accuracy"] == straight.history[-1]["test_accuracy"]
