@@ -637,33 +637,26 @@ def check_labels(fn: str, logits_shape, labels_shape, labels_dtype):
 # The message of an out-of-range label, as `check_label_values` writes it by default, and the
 # wordings that tests pin for three callers (the same facts, older phrasing). Fold those into
 # the default once the tests that pin them are changed.
-LABEL_VALUES = ("{fn}: {name} must lie in 0..{last}{context}; got {first} at index {index} "
-                "({count} such labels)")
-LABEL_VALUES_HALF_OPEN = ("{fn}: {name} must lie in [0, {num_classes}){context}; got values from "
-                          "{low} to {high}: {first} at index {index} ({count} such labels)")
-LABEL_VALUES_DATASET = ("{fn}: {name} values must be in 0..{last}{context}; got values from {low} "
-                        "to {high}: {first} at index {index} ({count} such labels)")
-LABEL_VALUES_FILE = ("{fn}: {name} has labels outside 0..{last}{context}: {first} at index "
-                     "{index} ({count} such labels)")
+LABEL_VALUES = ("{fn}: {name} must lie in 0..{last}{context}; got values from {low} to {high}: "
+                "{first} at index {index} ({count} such labels)")
+"""The one message for labels out of range (datasets, IDX files, training, losses)."""
 
 
-def check_label_values(fn: str, name: str, labels, num_classes: int, *, context: str = "",
-                       message: str = LABEL_VALUES) -> None:
+def check_label_values(fn: str, name: str, labels, num_classes: int, *,
+                       context: str = "") -> None:
     """``ValueError`` unless every value of the integer labels lies in ``0..num_classes-1``.
 
     The one label range check of the project (datasets, files, training, losses). ``labels`` is
     a concrete (numpy) integer array of any shape; traced labels cannot be checked. The message
     names ``fn``, the argument ``name``, the allowed range (followed by ``context``, e.g.
     `` for logits of shape (2, 3)``), the first bad value, its (flat) index and how many are
-    bad. ``message`` is a format string over the fields ``fn``, ``name``, ``context``,
-    ``last`` (= num_classes - 1), ``num_classes``, ``first``, ``index``, ``count`` and ``low``,
-    ``high`` (the smallest and largest label): one of the ``LABEL_VALUES*`` templates above.
+    bad, and the smallest and largest label (:data:`LABEL_VALUES`).
     """
     labels = np.asarray(labels)
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
-        raise ValueError(message.format(
-            fn=fn, name=name, context=context, last=num_classes - 1, num_classes=num_classes,
+        raise ValueError(LABEL_VALUES.format(
+            fn=fn, name=name, context=context, last=num_classes - 1,
             first=labels.flat[bad[0]], index=int(bad[0]), count=bad.size, low=labels.min(),
             high=labels.max()))
 

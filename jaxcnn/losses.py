@@ -90,8 +90,7 @@ def cross_entropy(logits, labels, *, label_smoothing=0.0, reduction="mean", impl
     lab = _concrete(labels) if kind == "int" else None
     if lab is not None:
         _shapes.check_label_values(fn, "labels", lab, l_shape[1],
-                                   context=f" for logits of shape {tuple(l_shape)}",
-                                   message=_shapes.LABEL_VALUES_HALF_OPEN)
+                                   context=f" for logits of shape {tuple(l_shape)}")
     return _cross_entropy_jit(logits, jnp.asarray(labels), label_smoothing=eps,
                               reduction=reduction, impl=impl)
 

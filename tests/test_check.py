@@ -232,7 +232,7 @@ def test_cli_quick_relu_writes_json(tmp_path, capsys):
     row = report["rows"][0]
     assert row["op"] == "relu" and row["ok"]
     assert set(row["worst"]) == set(check.COLUMNS)
-    assert not list(tmp_path.glob(".check-*"))                  # no temporary file left over
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]   # no temporary file
 
 
 def test_cli_fails_when_a_tolerance_is_impossible(monkeypatch, capsys):

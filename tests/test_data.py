@@ -164,7 +164,7 @@ def test_dataset_checks_its_arrays():
         data.Dataset("t", x.astype(np.float64), y, x, y)
     with pytest.raises(ValueError, match=r"Dataset: test_y must be an int32 .*shape \(3,\)"):
         data.Dataset("t", x, y, x, y[:3])
-    with pytest.raises(ValueError, match=r"Dataset: train_y values must be in 0\.\.9; .* to 10"):
+    with pytest.raises(ValueError, match=r"Dataset: train_y must lie in 0\.\.9; got values from \d+ to 10"):
         data.Dataset("t", x, y + 10, x, y)
     assert "train_x=(4, 28, 28, 1)" in repr(data.Dataset("t", x, y, x, y))
 
@@ -324,7 +324,8 @@ def test_load_mnist_labels_out_of_range(tmp_path):
     arrays = fake_mnist()
     arrays["test_y"][7] = 12
     paths = write_idx_files(tmp_path, arrays)
-    message = f"{paths['test_y']} has labels outside 0..9: 12 at index 7"
+    message = (f"load_dataset: the labels of {paths['test_y']} must lie in 0..9; got values "
+               f"from 0 to 12: 12 at index 7 (1 such labels)")
     with pytest.raises(ValueError, match=re.escape(message)):
         data.load_dataset("mnist", data_dir=tmp_path)
 

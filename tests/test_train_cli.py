@@ -242,7 +242,7 @@ def test_labels_out_of_range_in_the_files(tmp_path, capsys):
     data_dir = write_mnist(tmp_path / "data", n_test=N_TRAIN, labels=labels)
     assert run_mnist(data_dir, tmp_path) == 1
     err = capsys.readouterr().err
-    assert re.search(r"labels-idx1-ubyte.gz has labels outside 0..9: 12 at index 5", err)
+    assert re.search(r"labels-idx1-ubyte.gz must lie in 0\.\.9; got values from 0 to 12: 12 at index 5", err)
 
 
 def test_batch_size_larger_than_the_training_set(tmp_path, capsys):

@@ -84,8 +84,7 @@ def _check_split(x, y, split, num_classes):
             f"{split}_x {x.shape}; got {type(y).__name__} with dtype {getattr(y, 'dtype', None)} "
             f"and shape {getattr(y, 'shape', None)}"
         )
-    _shapes.check_label_values("Dataset", f"{split}_y", y, num_classes,
-                               message=_shapes.LABEL_VALUES_DATASET)
+    _shapes.check_label_values("Dataset", f"{split}_y", y, num_classes)
 
 
 def load_dataset(
@@ -183,8 +182,8 @@ def _read_idx_split(images_path, labels_path, limit):
             f"load_dataset: {images_path} has {len(images)} images but {labels_path} has "
             f"{len(labels)} labels; the counts must match"
         )
-    _shapes.check_label_values("load_dataset", str(labels_path), labels, NUM_CLASSES,
-                               message=_shapes.LABEL_VALUES_FILE)
+    _shapes.check_label_values("load_dataset", f"the labels of {labels_path}", labels,
+                               NUM_CLASSES)
     return _to_float_images(images[:limit]), labels[:limit].astype(np.int32)
 
 
