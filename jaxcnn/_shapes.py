@@ -303,21 +303,28 @@ def _check_fits(fn: str, what: str, spatial, cfg: WindowConfig, x_shape, extra: 
 # Per-op normalizers, shared by both impls.
 
 
-def conv_config(x_shape, k_shape, b_shape, *, stride, padding, dilation, groups,
-                fn: str = "conv") -> WindowConfig:
-    """Validate a convolution's arguments and return its normalized :class:`WindowConfig`."""
+def _conv_spatial_dims(fn, name, a_shape, k_shape, kernel_layout) -> int:
+    """The number of spatial dims of a convolution, from the kernel's rank; the activation
+    ``name`` must have two more (batch and channels)."""
     nd = len(k_shape) - 2
     if nd not in (1, 2, 3):
         raise ValueError(
-            f"{fn}: kernel must have rank 3, 4 or 5, (*window, C_in // groups, C_out) for 1, 2 "
-            f"or 3 spatial dims; got kernel shape {_fmt_shape(k_shape)} (rank {len(k_shape)})"
+            f"{fn}: kernel must have rank 3, 4 or 5, {kernel_layout} for 1, 2 or 3 spatial "
+            f"dims; got kernel shape {_fmt_shape(k_shape)} (rank {len(k_shape)})"
         )
-    if len(x_shape) != nd + 2:
+    if len(a_shape) != nd + 2:
         raise ValueError(
-            f"{fn}: x must have rank {nd + 2}, (N, *spatial, C_in) with {nd} spatial dims as "
-            f"the kernel has; got x shape {_fmt_shape(x_shape)} (rank {len(x_shape)}) and "
-            f"kernel shape {_fmt_shape(k_shape)}"
+            f"{fn}: {name} must have rank {nd + 2}, (N, *spatial, C_in) with {nd} spatial dims "
+            f"as the kernel has; got {name} shape {_fmt_shape(a_shape)} (rank {len(a_shape)}) "
+            f"and kernel shape {_fmt_shape(k_shape)}"
         )
+    return nd
+
+
+def conv_config(x_shape, k_shape, b_shape, *, stride, padding, dilation, groups,
+                fn: str = "conv") -> WindowConfig:
+    """Validate a convolution's arguments and return its normalized :class:`WindowConfig`."""
+    nd = _conv_spatial_dims(fn, "x", x_shape, k_shape, "(*window, C_in // groups, C_out)")
     groups = check_int(fn, "groups", groups, minimum=1)
     c_in, k_in, c_out = x_shape[-1], k_shape[-2], k_shape[-1]
     if c_in % groups:
@@ -368,18 +375,7 @@ def conv_transpose_config(y_shape, k_shape, b_shape, *, stride, padding, dilatio
     ``output_padding`` (``0 <= output_padding < max(stride, dilation)``, as in PyTorch) picks
     one of the ``s`` input sizes that a strided convolution maps to the same ``o``.
     """
-    nd = len(k_shape) - 2
-    if nd not in (1, 2, 3):
-        raise ValueError(
-            f"{fn}: kernel must have rank 3, 4 or 5, (*window, C_out // groups, C_in) for 1, 2 "
-            f"or 3 spatial dims; got kernel shape {_fmt_shape(k_shape)} (rank {len(k_shape)})"
-        )
-    if len(y_shape) != nd + 2:
-        raise ValueError(
-            f"{fn}: y must have rank {nd + 2}, (N, *spatial, C_in) with {nd} spatial dims as "
-            f"the kernel has; got y shape {_fmt_shape(y_shape)} (rank {len(y_shape)}) and "
-            f"kernel shape {_fmt_shape(k_shape)}"
-        )
+    nd = _conv_spatial_dims(fn, "y", y_shape, k_shape, "(*window, C_out // groups, C_in)")
     groups = check_int(fn, "groups", groups, minimum=1)
     if y_shape[-1] != k_shape[-1]:
         raise ValueError(
@@ -634,9 +630,6 @@ def check_labels(fn: str, logits_shape, labels_shape, labels_dtype):
         )
 
 
-# The message of an out-of-range label, as `check_label_values` writes it by default, and the
-# wordings that tests pin for three callers (the same facts, older phrasing). Fold those into
-# the default once the tests that pin them are changed.
 LABEL_VALUES = ("{fn}: {name} must lie in 0..{last}{context}; got values from {low} to {high}: "
                 "{first} at index {index} ({count} such labels)")
 """The one message for labels out of range (datasets, IDX files, training, losses)."""

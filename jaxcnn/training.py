@@ -1037,13 +1037,8 @@ def _check_dataset(fn, ds, config: TrainConfig):
         y = np.asarray(getattr(ds, f"{split}_y"))
         if not np.issubdtype(y.dtype, np.integer):
             raise TypeError(f"{fn}: {split} labels must be integers; got dtype {y.dtype}")
-        bad = np.flatnonzero((y < 0) | (y >= num_classes))
-        if bad.size:
-            raise ValueError(
-                f"{fn}: {split} labels must lie in 0..{num_classes - 1} (the dataset has "
-                f"{num_classes} classes); got {y[bad[0]]} at index {bad[0]} ({bad.size} such "
-                f"labels)"
-            )
+        _shapes.check_label_values(fn, f"{split} labels", y, num_classes,
+                                   context=f" (the dataset has {num_classes} classes)")
     n_train = len(ds.train_x)
     if config.batch_size > n_train:
         raise ValueError(

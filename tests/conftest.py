@@ -105,6 +105,18 @@ TYPE_CODES = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C,
               np.float32: 0x0D, np.float64: 0x0E}
 
 
+def bad_input_test(cases):
+    """A test over ``(call, exception type, message pattern)`` cases: ``call(impl)`` must raise
+    that exception with that message under both impls (their validation is shared)."""
+    @pytest.mark.parametrize("impl", IMPLS)
+    @pytest.mark.parametrize("call,exc,pattern", cases,
+                             ids=[f"case{i}" for i in range(len(cases))])
+    def test(call, exc, pattern, impl):
+        with pytest.raises(exc, match=pattern):
+            call(impl)
+    return test
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:

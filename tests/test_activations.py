@@ -18,7 +18,7 @@ from jax.test_util import check_grads
 import jaxcnn as jc
 from jaxcnn import nn
 
-from conftest import IMPLS, assert_close, compare_impls, unique_values
+from conftest import bad_input_test, IMPLS, assert_close, compare_impls, unique_values
 
 ACTIVATIONS = ["relu", "leaky_relu", "sigmoid", "tanh", "gelu", "softmax", "log_softmax"]
 
@@ -289,12 +289,7 @@ ERROR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("call,exc,pattern", ERROR_CASES,
-                         ids=[f"case{i}" for i in range(len(ERROR_CASES))])
-def test_bad_input_message(call, exc, pattern, impl):
-    with pytest.raises(exc, match=pattern):
-        call(impl)
+test_bad_input_message = bad_input_test(ERROR_CASES)
 
 
 @pytest.mark.parametrize("op", [jc.leaky_relu, jc.sigmoid, jc.tanh, jc.gelu, jc.softmax])

@@ -21,7 +21,7 @@ from jaxcnn import _shapes
 from jaxcnn.convolution import _conv_input_grad_gather, _conv_input_grad_scatter
 
 from conftest import (GRID_NDS, GRID_PADDINGS, GRID_SPATIAL, GRID_STRIDES, IMPLS, assert_close,
-                      compare_impls, grid_padding)
+                      bad_input_test, compare_impls, grid_padding)
 
 X = np.zeros((2, 8, 8, 3), np.float32)
 K = np.zeros((3, 3, 3, 4), np.float32)
@@ -192,6 +192,12 @@ ENGINE_CASES = {
     "folded form, image tiles": ((5, 7, 7, 16), (3, 3, 16, 8), dict(padding="SAME"), "fold", 2),
     "folded form, last-dim stride and dilation": ((3, 8, 11, 16), (2, 3, 16, 6),
                                                   dict(stride=(1, 2), dilation=(2, 1)), "fold", 2),
+    # A stride at least the window, or dividing it, runs as a stride-1 correlation of the
+    # phases (_strides_to_phases): windows of 2 and 4 with stride 2, of 3 with stride 4.
+    "stride as phases (2-D)": ((2, 13, 12, 12), (2, 4, 12, 10),
+                               dict(stride=2, padding=((1, 0), (0, 3))), "phases", 1),
+    "stride as phases (1-D, window below the stride)": ((3, 22, 24), (3, 24, 9),
+                                                        dict(stride=4, padding=1), "phases", 1),
 }
 
 
@@ -216,7 +222,11 @@ def test_every_formulation_of_the_engine(name):
                               padding=options.get("padding", "VALID"),
                               dilation=options.get("dilation", 1), groups=groups)
     plan = _patches.plan(x_shape, k_shape, cfg, groups, 8)
-    assert plan.product == product and plan.tiles >= tiles, plan
+    if product == "phases":
+        assert plan.product != "elementwise" and _patches._phases_pay(k_shape, cfg, groups)
+    else:
+        assert plan.product == product and plan.tiles >= tiles, plan
+        assert not _patches._phases_pay(k_shape, cfg, groups)
     rng = np.random.default_rng(5)
     x, k = rng.normal(size=x_shape), rng.normal(size=k_shape)
     z_ref, vjp = jax.vjp(lambda x, k: jc.conv(x, k, impl="lax", **options), x, k)
@@ -340,12 +350,7 @@ ERROR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("call,exc,pattern", ERROR_CASES,
-                         ids=[f"case{i}" for i in range(len(ERROR_CASES))])
-def test_bad_input_message(call, exc, pattern, impl):
-    with pytest.raises(exc, match=pattern):
-        call(impl)
+test_bad_input_message = bad_input_test(ERROR_CASES)
 
 
 # ============================================================================================
@@ -480,9 +485,4 @@ TRANSPOSE_ERROR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("call,exc,pattern", TRANSPOSE_ERROR_CASES,
-                         ids=[f"case{i}" for i in range(len(TRANSPOSE_ERROR_CASES))])
-def test_conv_transpose_bad_input_message(call, exc, pattern, impl):
-    with pytest.raises(exc, match=pattern):
-        call(impl)
+test_conv_transpose_bad_input_message = bad_input_test(TRANSPOSE_ERROR_CASES)

@@ -9,7 +9,7 @@ from jax.test_util import check_grads
 
 import jaxcnn as jc
 
-from conftest import IMPLS, compare_impls, unique_values
+from conftest import bad_input_test, compare_impls, unique_values
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,9 +67,4 @@ ERROR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("call,exc,pattern", ERROR_CASES,
-                         ids=[f"case{i}" for i in range(len(ERROR_CASES))])
-def test_bad_input_message(call, exc, pattern, impl):
-    with pytest.raises(exc, match=pattern):
-        call(impl)
+test_bad_input_message = bad_input_test(ERROR_CASES)

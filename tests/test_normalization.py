@@ -17,7 +17,7 @@ from jax.test_util import check_grads
 import jaxcnn as jc
 from jaxcnn.check import BFLOAT16_TOLERANCES
 
-from conftest import IMPLS, ROOT, assert_close, compare_impls
+from conftest import bad_input_test, IMPLS, ROOT, assert_close, compare_impls
 
 
 def _params(c, dtype, seed=1):
@@ -317,9 +317,4 @@ ERROR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("call,exc,pattern", ERROR_CASES,
-                         ids=[f"case{i}" for i in range(len(ERROR_CASES))])
-def test_bad_input_message(call, exc, pattern, impl):
-    with pytest.raises(exc, match=pattern):
-        call(impl)
+test_bad_input_message = bad_input_test(ERROR_CASES)

@@ -26,8 +26,8 @@ from jaxcnn.nn import (AdaptiveAvgPool, AdaptiveMaxPool, AvgPool, GlobalAvgPool,
                        MaxPool)
 from jaxcnn.pooling import _max_pool_manual_forward, mode_pad
 
-from conftest import (GRID_NDS, GRID_PADDINGS, GRID_SPATIAL, IMPLS, assert_close, compare_impls,
-                      grid_padding, unique_values)
+from conftest import (GRID_NDS, GRID_PADDINGS, GRID_SPATIAL, IMPLS, assert_close,
+                      bad_input_test, compare_impls, grid_padding, unique_values)
 
 X = np.zeros((2, 8, 8, 3), np.float32)
 
@@ -632,12 +632,7 @@ ERROR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("call,exc,pattern", ERROR_CASES,
-                         ids=[f"case{i}" for i in range(len(ERROR_CASES))])
-def test_bad_input_message(call, exc, pattern, impl):
-    with pytest.raises(exc, match=pattern):
-        call(impl)
+test_bad_input_message = bad_input_test(ERROR_CASES)
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from jax.test_util import check_grads
 
 import jaxcnn as jc
 
-from conftest import IMPLS, compare_impls
+from conftest import bad_input_test, IMPLS, compare_impls
 
 KEY = jax.random.key(0)
 
@@ -126,9 +126,4 @@ ERROR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("call,exc,pattern", ERROR_CASES,
-                         ids=[f"case{i}" for i in range(len(ERROR_CASES))])
-def test_bad_input_message(call, exc, pattern, impl):
-    with pytest.raises(exc, match=pattern):
-        call(impl)
+test_bad_input_message = bad_input_test(ERROR_CASES)
