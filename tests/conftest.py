@@ -105,6 +105,15 @@ TYPE_CODES = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C,
               np.float32: 0x0D, np.float64: 0x0E}
 
 
+def sampled(cases, period=5, keep=(0, 2)):
+    """A grid's cases with a sample in the default run: case ``i`` runs by default when
+    ``i % period`` is in ``keep``, the others under ``-m slow``. The grids cycle their options
+    with periods 2 and 3; a period of 5 is coprime to both, so the sample still holds every
+    value of every option."""
+    return [c if i % period in keep else pytest.param(*c, marks=pytest.mark.slow)
+            for i, c in enumerate(cases)]
+
+
 def bad_input_test(cases):
     """A test over ``(call, exception type, message pattern)`` cases: ``call(impl)`` must raise
     that exception with that message under both impls (their validation is shared)."""

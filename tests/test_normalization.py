@@ -166,7 +166,7 @@ LN_CASES = [((3, 6), -1), ((2, 4, 3, 5), -1), ((2, 4, 3, 5), (1, 2, 3)), ((2, 4,
 
 
 @pytest.mark.usefixtures("x64")
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("dtype", ["float64", pytest.param("float32", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("shape, axes", LN_CASES, ids=str)
 def test_layer_norm_grid(shape, axes, dtype):
     rng = np.random.default_rng(0)

@@ -224,6 +224,8 @@ def wait_pair(tmp, name, procs):
     return codes, [(tmp / f"{name}{pid}.txt").read_text() for pid in (0, 1)]
 
 
+# Three two-process runs that must stop together (about 25 s: under -m slow, with the other
+# long tests; the default run keeps the four-device and two-process equivalence above).
 @pytest.fixture(scope="session")
 def stops(children):
     """Three two-process runs at once: process 0 cannot write its checkpoint; the two processes
@@ -253,6 +255,7 @@ def stops(children):
     return {"dir": tmp, **{name: wait_pair(tmp, name, procs) for name, procs in pairs.items()}}
 
 
+@pytest.mark.slow
 def test_when_process_zero_cannot_write_every_process_stops(stops):
     (code0, code1), (out0, out1) = stops["unwritable"]
     assert (code0, code1) == (1, 1), (out0, out1)
@@ -264,6 +267,7 @@ def test_when_process_zero_cannot_write_every_process_stops(stops):
             in out1), out1
 
 
+@pytest.mark.slow
 def test_processes_that_read_different_checkpoints_refuse_to_go_on(stops):
     for code, out in zip(*stops["stale"]):
         assert code == 1, out
@@ -273,6 +277,7 @@ def test_processes_that_read_different_checkpoints_refuse_to_go_on(stops):
                          r"needs the same checkpoint", out), out
 
 
+@pytest.mark.slow
 def test_a_sigterm_stops_every_process_at_the_same_step(stops):
     codes, outs = stops["preempt"]
     assert codes == [143, 143], outs

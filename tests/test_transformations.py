@@ -72,7 +72,11 @@ def _second_order_ops():
     }
 
 
-SECOND_ORDER_OPS = sorted(_second_order_ops())
+# The default run takes one op of each module (conv's input and kernel, conv_transpose, dense,
+# flatten, the hardest pooling cases, padding); the others run under -m slow.
+_SLOW = {"max_pool", "avg_pool reflect", "pad replicate", "global pools"}
+SECOND_ORDER_OPS = [pytest.param(name, marks=pytest.mark.slow) if name in _SLOW else name
+                    for name in sorted(_second_order_ops())]
 
 
 @pytest.mark.usefixtures("x64")
