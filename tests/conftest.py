@@ -110,7 +110,8 @@ def sampled(cases, period=5, keep=(0, 2)):
     ``i % period`` is in ``keep``, the others under ``-m slow``. The grids cycle their options
     with periods 2 and 3; a period of 5 is coprime to both, so the sample still holds every
     value of every option."""
-    return [c if i % period in keep else pytest.param(*c, marks=pytest.mark.slow)
+    return [c if i % period in keep else
+            pytest.param(*(c if isinstance(c, tuple) else (c,)), marks=pytest.mark.slow)
             for i, c in enumerate(cases)]
 
 

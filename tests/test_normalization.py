@@ -17,7 +17,7 @@ from jax.test_util import check_grads
 import jaxcnn as jc
 from jaxcnn.check import BFLOAT16_TOLERANCES
 
-from conftest import bad_input_test, IMPLS, ROOT, assert_close, compare_impls
+from conftest import IMPLS, ROOT, assert_close, bad_input_test, compare_impls, sampled
 
 
 def _params(c, dtype, seed=1):
@@ -53,14 +53,14 @@ BN_GRID = [(s, "float64") for s in BN_SHAPES] + [((1, 5), "float32"), ((2, 5, 4,
 
 
 @pytest.mark.usefixtures("x64")
-@pytest.mark.parametrize("shape, dtype", BN_GRID, ids=str)
+@pytest.mark.parametrize("shape, dtype", sampled(BN_GRID, 2, (0,)), ids=str)
 def test_batch_norm_train_grid(shape, dtype):
     x = np.random.default_rng(0).normal(size=shape).astype(dtype)
     compare_impls(_train_flat, (x, *_params(shape[-1], dtype)), dtype)
 
 
 @pytest.mark.usefixtures("x64")
-@pytest.mark.parametrize("shape, dtype", BN_GRID, ids=str)
+@pytest.mark.parametrize("shape, dtype", sampled(BN_GRID, 2, (1,)), ids=str)
 def test_batch_norm_eval_grid(shape, dtype):
     rng = np.random.default_rng(0)
     x = rng.normal(size=shape).astype(dtype)
