@@ -82,11 +82,12 @@ from jax import lax
 
 from . import _shapes
 from .activations import gelu, leaky_relu, relu, sigmoid, softmax, tanh
-from .convolution import conv
+from .convolution import conv, conv_transpose
 from .linear import dense, flatten
 from .normalization import batch_norm, layer_norm
 from .adaptive_pooling import (adaptive_avg_pool, adaptive_max_pool, global_avg_pool,
                                global_max_pool)
+from .padding import pad
 from .pooling import avg_pool, max_pool
 from .regularization import dropout
 
@@ -205,6 +206,61 @@ def Conv(out_channels, window, *, stride=1, padding="VALID", dilation=1, groups=
 
     def apply_fn(params, x, *, impl="manual"):
         return conv(x, params["kernel"], params.get("bias"), impl=impl, **options)
+
+    return _stateless(fn, init_fn, apply_fn)
+
+
+def ConvTranspose(out_channels, window, *, stride=1, padding="VALID", dilation=1, groups=1,
+                  output_padding=0, use_bias=True, init=None):
+    """Transposed convolution layer: ``(N, *spatial, C_in) -> (N, *out_spatial,
+    out_channels)``, :func:`jaxcnn.conv_transpose` (the adjoint of the convolution with the
+    same ``stride``, ``padding``, ``dilation`` and ``groups``: ``"SAME"`` multiplies each
+    spatial size by the stride; PyTorch's ``ConvTranspose`` with its ``padding``).
+
+    Args:
+      out_channels: ``C_out``, an int >= 1 (divisible by ``groups``).
+      window, stride, padding, dilation, groups, use_bias, init: as for :func:`Conv`.
+      output_padding: as for :func:`jaxcnn.conv_transpose`.
+
+    Params: ``{"kernel": (*window, out_channels // groups, C_in), "bias": (out_channels,)}``:
+    the kernel of the convolution that maps the result back to the input. He / LeCun
+    initialisation use ``fan_in = prod(window) · out_channels / groups`` (PyTorch's count for
+    its transposed convolutions).
+    """
+    fn = "ConvTranspose"
+    out_channels = _shapes.check_int(fn, "out_channels", out_channels, minimum=1)
+    window_given = window
+    window = _int_or_ints(fn, "window", window)
+    nd = len(window) if isinstance(window_given, (list, tuple)) else 2
+    _int_or_ints(fn, "stride", stride)
+    _int_or_ints(fn, "dilation", dilation)
+    _check_spatial_dims_agree(fn, nd, window_given, stride=stride, dilation=dilation,
+                              padding=padding)
+    groups = _shapes.check_int(fn, "groups", groups, minimum=1)
+    _check_padding(fn, padding)
+    use_bias = _shapes.check_bool(fn, "use_bias", use_bias)
+    _check_init(fn, init)
+    if out_channels % groups:
+        raise ValueError(f"{fn}: groups ({groups}) must divide out_channels ({out_channels})")
+    options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
+                   output_padding=output_padding)
+
+    def init_fn(key, input_shape, *, before_relu=False):
+        input_shape = _check_input_shape(fn, input_shape)
+        _check_spatial_rank(fn, input_shape, nd, window_given)
+        win = window * nd if len(window) == 1 else window
+        kernel_shape = (*win, out_channels // groups, input_shape[-1])
+        output_shape = _eval_shape(
+            lambda y, k: conv_transpose(y, k, **options), input_shape, kernel_shape)
+        kernel = _normal(key, kernel_shape, fan_in=math.prod(kernel_shape[:-1]),
+                         scheme=_scheme(init, before_relu))
+        params = {"kernel": kernel}
+        if use_bias:
+            params["bias"] = _zeros(out_channels)
+        return output_shape, params
+
+    def apply_fn(params, x, *, impl="manual"):
+        return conv_transpose(x, params["kernel"], params.get("bias"), impl=impl, **options)
 
     return _stateless(fn, init_fn, apply_fn)
 
@@ -379,6 +435,15 @@ def AvgPool(window, *, stride=None, padding="VALID", dilation=1, ceil_mode=False
     options["count_include_pad"] = _shapes.check_bool(fn, "count_include_pad",
                                                       count_include_pad)
     return _parameterless(fn, lambda x, impl: avg_pool(x, window, impl=impl, **options))
+
+
+def Pad(padding, *, mode="zeros"):
+    """Padding layer: ``(N, *spatial, C) -> (N, *(n + low + high), C)``, :func:`jaxcnn.pad`
+    (``mode``: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``)."""
+    fn = "Pad"
+    _check_padding(fn, padding)
+    mode = _shapes.check_choice(fn, "mode", mode, _shapes.PADDING_MODES)
+    return _parameterless(fn, lambda x, impl: pad(x, padding, mode=mode, impl=impl))
 
 
 def GlobalAvgPool():

@@ -487,3 +487,32 @@ TRANSPOSE_ERROR_CASES = [
 
 
 test_conv_transpose_bad_input_message = bad_input_test(TRANSPOSE_ERROR_CASES)
+
+
+def test_conv_transpose_layer_applies_its_op_and_inverts_conv_shapes():
+    from jaxcnn.nn import Conv, ConvTranspose
+    key = jax.random.key(0)
+    layer = ConvTranspose(6, 3, stride=2, padding="SAME", groups=2)
+    shape, params = layer.init(key, (-1, 5, 4, 4))
+    assert shape == (-1, 10, 8, 6)
+    assert params["kernel"].shape == (3, 3, 3, 4) and params["bias"].shape == (6,)
+    # He initialisation with PyTorch's fan-in of a transposed convolution: 3·3·(6 / 2).
+    big = ConvTranspose(64, 3, init="he").init(key, (-1, 8, 8, 32))[1]["kernel"]
+    assert abs(float(jnp.std(big)) - (2 / (3 * 3 * 64)) ** 0.5) < 0.01
+    y = np.random.default_rng(0).normal(size=(2, 5, 4, 4)).astype(np.float32)
+    params = {**params, "bias": jnp.arange(6.0)}
+    for impl in IMPLS:
+        np.testing.assert_array_equal(
+            layer.apply(params, y, impl=impl),
+            jc.conv_transpose(y, params["kernel"], params["bias"], stride=2, padding="SAME",
+                              groups=2, impl=impl))
+    # A decoder undoes an encoder's shapes: Conv stride 2 then ConvTranspose stride 2.
+    enc = Conv(8, 3, stride=2, padding="SAME").init(key, (-1, 12, 12, 3))[0]
+    assert ConvTranspose(3, 3, stride=2, padding="SAME").init(key, enc)[0] == (-1, 12, 12, 3)
+    assert "bias" not in ConvTranspose(6, 3, use_bias=False).init(key, (-1, 5, 5, 2))[1]
+    with pytest.raises(ValueError, match=r"ConvTranspose: groups \(4\) must divide "
+                                         r"out_channels \(6\)"):
+        ConvTranspose(6, 3, groups=4)
+    with pytest.raises(ValueError, match=r"conv_transpose: groups \(2\) must divide the y "
+                                         r"channels"):
+        ConvTranspose(6, 3, groups=2).init(key, (-1, 5, 5, 3))

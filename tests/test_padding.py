@@ -200,3 +200,16 @@ ERROR_CASES = [
 
 
 test_bad_input_message = bad_input_test(ERROR_CASES)
+
+
+def test_pad_layer_applies_its_op():
+    from jaxcnn.nn import Pad
+    x = np.random.default_rng(0).normal(size=(2, 4, 5, 3)).astype(np.float32)
+    layer = Pad(((1, 2), (3, 0)), mode="reflect")
+    shape, params = layer.init(jax.random.key(0), (-1, 4, 5, 3))
+    assert shape == (-1, 7, 8, 3) and params == {}
+    for impl in IMPLS:
+        np.testing.assert_array_equal(layer.apply(params, x, impl=impl),
+                                      jc.pad(x, ((1, 2), (3, 0)), mode="reflect", impl=impl))
+    with pytest.raises(ValueError, match=r"Pad: mode must be one of"):
+        Pad(1, mode="wrap")
