@@ -45,12 +45,13 @@ from ._windows import accum_dtype, pad
 BLOCK_WIDTH = 512
 """Target contraction width ``taps · C_in / G`` of one block's product. Window rows are kept
 whole (a row is one contiguous run of the input, gathered fast); rows are grouped into a block
-while the block stays within this width. Wider blocks give the product a deeper contraction
-(it runs faster), narrower ones fewer positions' worth of accumulation traffic per block.
-Measured forward, manual / lax, with widths 256 / 512 / 1024 (benchmarks/ops.py shapes, one
-interleaved run): 7x7 16->32 s2 0.94 / 1.96 / 1.74, 3x3 32->64 1.14 / 1.32 / 1.29, 3x3
-32->32 at 28x28 2.87 / 1.78 / 1.72, 3x3 64->128 0.75 / 0.71 / 0.86, 5x5 32->32 1.22 / 1.99 /
-1.80: no width wins everywhere; 512 keeps every one of them within 2x."""
+while the block stays within this width. Wider blocks give the product a deeper contraction,
+narrower ones fewer positions' worth of accumulation traffic per block. Measured forward,
+manual / lax, on every case of benchmarks/ops.py that runs the patch product, widths 256 /
+512 / 1024 in one interleaved run: 7x7 16->32 s2 2.30 / 2.34 / 2.28, 5x5 8->32 1.87 / 1.88 /
+1.84, 3x3 32->64 1.41 / 1.41 / 1.40, 1-D 129 16->16 1.00 / 0.93 / 0.92, 1-D 3 d4 1.55 / 1.62
+/ 1.39, 3-D 1x1x1 64->64 1.17 / 1.26 / 1.43: within the noise of each other on every case, so
+the width is not what makes a layer slow."""
 ROW_WIDTH = 2048
 """A single window row wider than this (a long 1-D kernel) is cut into chunks of taps: wider
 contractions gain nothing and the patch tile would hold few output positions."""
