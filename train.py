@@ -45,7 +45,9 @@ def parse_args(argv=None) -> training.TrainConfig:
 
 
 def parse_command_line(argv=None) -> tuple[training.TrainConfig, Distributed]:
-    """The command line as the run's configuration and its multi-process settings."""
+    """The command line as the run's configuration and its multi-process settings.
+
+    Long on purpose: one ``add_argument`` per option, in the order ``--help`` lists them."""
     d = training.TrainConfig()
     p = argparse.ArgumentParser(
         prog="train.py", formatter_class=argparse.RawDescriptionHelpFormatter,

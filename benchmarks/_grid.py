@@ -63,6 +63,7 @@ def missing_ops() -> list[str]:
 
 
 def _conv_cases(g):
+    """The convolution rows, one call per case (a long list on purpose: it is the grid)."""
     c = g.conv
     # Every conv layer of the three networks (batch 128).
     c(2, 128, 28, 1, 6, 5, net="LeNet-5", quick=True)
