@@ -164,50 +164,19 @@ def Conv(out_channels, window, *, stride=1, padding="VALID", dilation=1, groups=
     (no ``"bias"`` with ``use_bias=False``).
     """
     fn = "Conv"
-    out_channels = _shapes.check_int(fn, "out_channels", out_channels, minimum=1)
-    window_given = window
-    window = _int_or_ints(fn, "window", window)
-    nd = len(window) if isinstance(window_given, (list, tuple)) else 2
-    _int_or_ints(fn, "stride", stride)
-    _int_or_ints(fn, "dilation", dilation)
-    _check_spatial_dims_agree(fn, nd, window_given, stride=stride, dilation=dilation,
-                              padding=padding)
-    groups = _shapes.check_int(fn, "groups", groups, minimum=1)
-    _check_padding(fn, padding)
-    use_bias = _shapes.check_bool(fn, "use_bias", use_bias)
-    _shapes.check_choice(fn, "padding_mode", padding_mode, _shapes.PADDING_MODES)
-    _check_init(fn, init)
-    if out_channels % groups:
-        raise ValueError(
-            f"{fn}: groups ({groups}) must divide out_channels ({out_channels})"
-        )
-    options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
-                   padding_mode=padding_mode)
+    padding_mode = _shapes.check_choice(fn, "padding_mode", padding_mode, _shapes.PADDING_MODES)
 
-    def init_fn(key, input_shape, *, before_relu=False):
-        input_shape = _check_input_shape(fn, input_shape)
-        _check_spatial_rank(fn, input_shape, nd, window_given)
-        win = window * nd if len(window) == 1 else window
-        c_in = input_shape[-1]
+    def kernel_shape(win, c_in, out, groups):
         if c_in % groups:
             raise ValueError(
                 f"{fn}: groups ({groups}) must divide the input channels "
-                f"(input_shape[-1]={c_in}); input_shape is {tuple(input_shape)}"
+                f"(input_shape[-1]={c_in})"
             )
-        kernel_shape = (*win, c_in // groups, out_channels)
-        output_shape = _eval_shape(
-            lambda x, k: conv(x, k, **options), input_shape, kernel_shape)
-        kernel = _normal(key, kernel_shape, fan_in=math.prod(kernel_shape[:-1]),
-                         scheme=_scheme(init, before_relu))
-        params = {"kernel": kernel}
-        if use_bias:
-            params["bias"] = _zeros(out_channels)
-        return output_shape, params
+        return (*win, c_in // groups, out)
 
-    def apply_fn(params, x, *, impl="manual"):
-        return conv(x, params["kernel"], params.get("bias"), impl=impl, **options)
-
-    return _stateless(fn, init_fn, apply_fn)
+    return _conv_layer(fn, conv, kernel_shape, out_channels, window, stride=stride,
+                       padding=padding, dilation=dilation, groups=groups, use_bias=use_bias,
+                       init=init, padding_mode=padding_mode)
 
 
 def ConvTranspose(out_channels, window, *, stride=1, padding="VALID", dilation=1, groups=1,
@@ -227,7 +196,18 @@ def ConvTranspose(out_channels, window, *, stride=1, padding="VALID", dilation=1
     initialisation use ``fan_in = prod(window) · out_channels / groups`` (PyTorch's count for
     its transposed convolutions).
     """
-    fn = "ConvTranspose"
+    return _conv_layer("ConvTranspose", conv_transpose,
+                       lambda win, c_in, out, groups: (*win, out // groups, c_in),
+                       out_channels, window, stride=stride, padding=padding, dilation=dilation,
+                       groups=groups, use_bias=use_bias, init=init,
+                       output_padding=output_padding)
+
+
+def _conv_layer(fn, op, kernel_shape, out_channels, window, *, stride, padding, dilation,
+                groups, use_bias, init, **more):
+    """A layer computing ``op(x, kernel, bias, **options)`` (``conv`` or ``conv_transpose``)
+    with ``kernel: kernel_shape(window, C_in, out_channels, groups)``: the checks both layers
+    share, then He / LeCun initialisation with ``fan_in = prod(kernel.shape[:-1])``."""
     out_channels = _shapes.check_int(fn, "out_channels", out_channels, minimum=1)
     window_given = window
     window = _int_or_ints(fn, "window", window)
@@ -242,17 +222,15 @@ def ConvTranspose(out_channels, window, *, stride=1, padding="VALID", dilation=1
     _check_init(fn, init)
     if out_channels % groups:
         raise ValueError(f"{fn}: groups ({groups}) must divide out_channels ({out_channels})")
-    options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
-                   output_padding=output_padding)
+    options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, **more)
 
     def init_fn(key, input_shape, *, before_relu=False):
         input_shape = _check_input_shape(fn, input_shape)
         _check_spatial_rank(fn, input_shape, nd, window_given)
         win = window * nd if len(window) == 1 else window
-        kernel_shape = (*win, out_channels // groups, input_shape[-1])
-        output_shape = _eval_shape(
-            lambda y, k: conv_transpose(y, k, **options), input_shape, kernel_shape)
-        kernel = _normal(key, kernel_shape, fan_in=math.prod(kernel_shape[:-1]),
+        k_shape = kernel_shape(win, input_shape[-1], out_channels, groups)
+        output_shape = _eval_shape(lambda x, k: op(x, k, **options), input_shape, k_shape)
+        kernel = _normal(key, k_shape, fan_in=math.prod(k_shape[:-1]),
                          scheme=_scheme(init, before_relu))
         params = {"kernel": kernel}
         if use_bias:
@@ -260,7 +238,7 @@ def ConvTranspose(out_channels, window, *, stride=1, padding="VALID", dilation=1
         return output_shape, params
 
     def apply_fn(params, x, *, impl="manual"):
-        return conv_transpose(x, params["kernel"], params.get("bias"), impl=impl, **options)
+        return op(x, params["kernel"], params.get("bias"), impl=impl, **options)
 
     return _stateless(fn, init_fn, apply_fn)
 
