@@ -11,7 +11,7 @@ import pytest
 import jaxcnn as jc
 from jaxcnn.check import BFLOAT16_TOLERANCES
 
-from conftest import IMPLS
+from conftest import IMPLS, sampled
 
 
 # --------------------------------------------------------------------------------------------
@@ -54,7 +54,7 @@ HALF_PRECISION_OPS = {
 }
 
 
-@pytest.mark.parametrize("name", HALF_PRECISION_OPS)
+@pytest.mark.parametrize("name", sampled(list(HALF_PRECISION_OPS), 2, (0,)))
 def test_bfloat16_backward_accumulates_in_float32(name):
     """On values bfloat16 holds exactly, every bfloat16 cotangent of the manual path is the
     float32 one rounded once: within eps/2 relative, element by element. A sum run in bfloat16
