@@ -121,14 +121,14 @@ def disjoint(cfg: WindowConfig) -> bool:
 
 def tap_grid(cfg: WindowConfig):
     """Tap index ``t`` (row-major) of every window element, shaped ``(1, 1, k1, 1, k2, ..., 1)``
-    to broadcast against :func:`spread` inputs."""
+    to broadcast against :func:`disjoint_windows_to_input` inputs."""
     shape = [1]
     for k in cfg.window:
         shape += [1, k]
     return np.arange(int(np.prod(cfg.window))).reshape(cfg.window).reshape(shape + [1])
 
 
-def spread(values, spatial: Sequence[int], cfg: WindowConfig):
+def disjoint_windows_to_input(values, spatial: Sequence[int], cfg: WindowConfig):
     """For disjoint windows: ``values: (N, o1, k1, o2, k2, ..., C)`` (window element ``m`` of
     output ``i`` at ``[i, m]``) → ``(N, *spatial, C)``.
 
@@ -145,12 +145,13 @@ def spread(values, spatial: Sequence[int], cfg: WindowConfig):
 
 
 def windowed_shape(out_shape, cfg: WindowConfig):
-    """``(N, o1, o2, ..., C)`` → ``(N, o1, k1, o2, k2, ..., C)``, the input of :func:`spread`."""
+    """``(N, o1, o2, ..., C)`` → ``(N, o1, k1, o2, k2, ..., C)``, the input of
+    :func:`disjoint_windows_to_input`."""
     inner = tuple(v for o, k in zip(out_shape[1:-1], cfg.window) for v in (o, k))
     return (out_shape[0], *inner, out_shape[-1])
 
 
-def expand(a, nd: int):
+def with_window_axes(a, nd: int):
     """``(N, o1, o2, ..., C)`` → ``(N, o1, 1, o2, 1, ..., C)``: room for the window axes."""
     shape = [a.shape[0]]
     for o in a.shape[1:1 + nd]:

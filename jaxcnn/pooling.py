@@ -168,7 +168,7 @@ def _counted(x_shape, pc: PoolConfig, count_include_pad: bool):
     return tuple((0, lo + n + hi) for n, (lo, hi) in zip(spatial, pc.pads))
 
 
-def _full(inner):
+def _with_batch_and_channels(inner):
     """Extend a per-spatial-dim tuple with the batch and channel dims."""
     return (1, *inner, 1)
 
@@ -200,7 +200,8 @@ def _max_pool_lax(x, pc: PoolConfig, ties: str):
     if ties == "split" or any(d > 1 for d in cfg.dilation):
         return _max_pool_explicit(x, cfg, ties)
     pads = ((0, 0), *cfg.padding, (0, 0))
-    return lax.reduce_window(x, -jnp.inf, lax.max, _full(cfg.window), _full(cfg.stride), pads)
+    return lax.reduce_window(x, -jnp.inf, lax.max, _with_batch_and_channels(cfg.window),
+                             _with_batch_and_channels(cfg.stride), pads)
 
 
 def _max_pool_explicit(x, cfg: WindowConfig, ties: str):
@@ -229,8 +230,9 @@ def _avg_pool_lax(x, pc: PoolConfig, counted):
     cfg = pc.win
     pads = ((0, 0), *cfg.padding, (0, 0))
     acc = _windows.accum_dtype(x.dtype)
-    s = lax.reduce_window(x.astype(acc), 0.0, lax.add, _full(cfg.window), _full(cfg.stride),
-                          pads, window_dilation=_full(cfg.dilation))
+    s = lax.reduce_window(x.astype(acc), 0.0, lax.add, _with_batch_and_channels(cfg.window),
+                          _with_batch_and_channels(cfg.stride), pads,
+                          window_dilation=_with_batch_and_channels(cfg.dilation))
     return (s / _window_counts(x.shape, cfg, counted)).astype(x.dtype)
 
 
@@ -349,18 +351,18 @@ def _max_pool_bwd(cfg: WindowConfig, ties: str, res, dz):
     if ties == "first":
         idx = _first_max_taps(xp, cfg, out)
         if _windows.disjoint(cfg):      # the classic 2×2 / 2: one broadcast select, no overlap
-            mask = _windows.expand(idx, nd) == _windows.tap_grid(cfg)
-            return (_windows.spread(jnp.where(mask, _windows.expand(dz, nd), zero), spatial,
-                                    cfg),)
+            mask = _windows.with_window_axes(idx, nd) == _windows.tap_grid(cfg)
+            picked = jnp.where(mask, _windows.with_window_axes(dz, nd), zero)
+            return (_windows.disjoint_windows_to_input(picked, spatial, cfg),)
         return (_windows.scatter_taps(lambda t, _: jnp.where(idx == t, dz, zero), None, cfg,
                                       spatial, out),)
     acc = _windows.accum_dtype(dz.dtype)
     if _windows.disjoint(cfg):          # the windows side by side: (N, o1, k1, o2, k2, .., C)
         view = _disjoint_view(xp, cfg, out)
-        mask = tied_maxima(view, _windows.expand(z, nd))
+        mask = tied_maxima(view, _windows.with_window_axes(z, nd))
         count = jnp.sum(mask, axis=tuple(range(2, 2 * nd + 1, 2)), keepdims=True, dtype=acc)
-        share = (_windows.expand(dz, nd).astype(acc) / count).astype(dz.dtype)
-        return (_windows.spread(jnp.where(mask, share, zero), spatial, cfg),)
+        share = (_windows.with_window_axes(dz, nd).astype(acc) / count).astype(dz.dtype)
+        return (_windows.disjoint_windows_to_input(jnp.where(mask, share, zero), spatial, cfg),)
     count = _windows.fold_taps(xp, cfg, out, lambda c, t, tap: c + tied_maxima(tap, z),
                                jnp.zeros(dz.shape, acc))
     share = dz.astype(acc) / count
@@ -370,7 +372,8 @@ def _max_pool_bwd(cfg: WindowConfig, ties: str, res, dz):
 
 def _disjoint_view(xp, cfg: WindowConfig, out):
     """Disjoint windows (stride = window) side by side: ``(N, o1, k1, o2, k2, ..., C)``, window
-    ``i``'s element ``m`` at ``[i, m]`` (the inverse of :func:`jaxcnn._windows.spread`)."""
+    ``i``'s element ``m`` at ``[i, m]`` (the inverse of
+    :func:`jaxcnn._windows.disjoint_windows_to_input`)."""
     n, c = xp.shape[0], xp.shape[-1]
     crop = lax.slice(xp, (0,) * xp.ndim, (n, *(o * k for o, k in zip(out, cfg.window)), c))
     return crop.reshape(_windows.windowed_shape((n, *out, c), cfg))
@@ -411,9 +414,9 @@ def _avg_pool_bwd(cfg: WindowConfig, counted, x, dz):
     if _windows.disjoint(cfg):      # non-overlapping windows: one broadcast, no overlap-add
         nd = cfg.ndim
         share = share.astype(dz.dtype)
-        every = jnp.broadcast_to(_windows.expand(share, nd),
+        every = jnp.broadcast_to(_windows.with_window_axes(share, nd),
                                  _windows.windowed_shape(share.shape, cfg))
-        return (_windows.spread(every, x.shape[1:-1], cfg),)
+        return (_windows.disjoint_windows_to_input(every, x.shape[1:-1], cfg),)
     # Overlapping windows: the shares stay in float32 for half precision (the overlap-add sums
     # in float32 anyway), so each element is rounded once.
     return (_windows.scatter_taps(lambda t, _: share, None, cfg, x.shape[1:-1],
