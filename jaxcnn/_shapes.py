@@ -65,7 +65,7 @@ class WindowConfig(NamedTuple):
     @property
     def effective_window(self) -> tuple[int, ...]:
         """Window size after kernel dilation: ``(k - 1) * d + 1``."""
-        return tuple((k - 1) * d + 1 for k, d in zip(self.window, self.dilation))
+        return effective_window(self.window, self.dilation)
 
 
 class PoolConfig(NamedTuple):
@@ -303,6 +303,18 @@ def _check_fits(fn: str, what: str, spatial, cfg: WindowConfig, x_shape, extra: 
 # Per-op normalizers, shared by both impls.
 
 
+def effective_window(window, dilation) -> tuple[int, ...]:
+    """Each window size after dilation, ``k_eff = (k - 1) * d + 1``."""
+    return tuple((k - 1) * d + 1 for k, d in zip(window, dilation))
+
+
+def _conv_window(fn, k_shape, nd, stride, dilation):
+    """A convolution's ``(window, stride, dilation)`` as tuples: the window from the kernel's
+    leading dims, stride and dilation ints >= 1, one per spatial dim."""
+    return (tuple(int(k) for k in k_shape[:nd]), to_tuple(fn, "stride", stride, nd),
+            to_tuple(fn, "dilation", dilation, nd))
+
+
 def _conv_spatial_dims(fn, name, a_shape, k_shape, kernel_layout) -> int:
     """The number of spatial dims of a convolution, from the kernel's rank; the activation
     ``name`` must have two more (batch and channels)."""
@@ -348,10 +360,8 @@ def conv_config(x_shape, k_shape, b_shape, *, stride, padding, dilation, groups,
             f"{fn}: bias must have shape (C_out,) = ({c_out},); got bias shape "
             f"{_fmt_shape(b_shape)}"
         )
-    window = tuple(int(k) for k in k_shape[:nd])
-    stride_t = to_tuple(fn, "stride", stride, nd)
-    dilation_t = to_tuple(fn, "dilation", dilation, nd)
-    eff = tuple((k - 1) * d + 1 for k, d in zip(window, dilation_t))
+    window, stride_t, dilation_t = _conv_window(fn, k_shape, nd, stride, dilation)
+    eff = effective_window(window, dilation_t)
     spatial = tuple(int(n) for n in x_shape[1:-1])
     pads = resolve_padding(fn, padding, spatial, eff, stride_t)
     cfg = WindowConfig(window, stride_t, pads, dilation_t)
@@ -394,9 +404,7 @@ def conv_transpose_config(y_shape, k_shape, b_shape, *, stride, padding, dilatio
             f"{fn}: bias must have shape (C_out,) = ({c_x},) (kernel.shape[-2] times groups); "
             f"got bias shape {_fmt_shape(b_shape)}"
         )
-    window = tuple(int(k) for k in k_shape[:nd])
-    stride_t = to_tuple(fn, "stride", stride, nd)
-    dilation_t = to_tuple(fn, "dilation", dilation, nd)
+    window, stride_t, dilation_t = _conv_window(fn, k_shape, nd, stride, dilation)
     out_pad = to_tuple(fn, "output_padding", output_padding, nd, minimum=0)
     for op, s, d in zip(out_pad, stride_t, dilation_t):
         if op >= max(s, d):
@@ -405,7 +413,7 @@ def conv_transpose_config(y_shape, k_shape, b_shape, *, stride, padding, dilatio
                 f"dim (it picks one of the stride's input sizes); got output_padding "
                 f"{out_pad}, stride {stride_t}, dilation {dilation_t}"
             )
-    eff = tuple((k - 1) * d + 1 for k, d in zip(window, dilation_t))
+    eff = effective_window(window, dilation_t)
     o = tuple(int(v) for v in y_shape[1:-1])
     if isinstance(padding, str) and padding.upper() == "SAME":
         if any(out_pad):
@@ -462,7 +470,7 @@ def pool_config(x_shape, window, *, stride, padding, fn: str, dilation=1, ceil_m
     dilation_t = to_tuple(fn, "dilation", dilation, nd)
     ceil_mode = check_bool(fn, "ceil_mode", ceil_mode)
     spatial = tuple(int(n) for n in x_shape[1:-1])
-    eff = tuple((k - 1) * d + 1 for k, d in zip(window_t, dilation_t))
+    eff = effective_window(window_t, dilation_t)
     pads = resolve_padding(fn, padding, spatial, eff, stride_t)
     mode = check_padding_mode(fn, padding_mode, pads, x_shape)
     dilated = any(d > 1 for d in dilation_t)
