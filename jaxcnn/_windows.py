@@ -37,6 +37,11 @@ def accum_dtype(dtype):
     return np.float32 if np.dtype(dtype).itemsize < 4 else dtype
 
 
+def in_accum_dtype(x):
+    """``x`` in the dtype its arithmetic runs in (float32 for float16 / bfloat16)."""
+    return x.astype(accum_dtype(x.dtype))
+
+
 def layer_boundary(op, x, *rest):
     """``op(x, *rest)``, a manual layer run apart from its neighbours
     (:func:`jaxcnn._xla_cpu.isolate`; the same for its backward, through autodiff). XLA's CPU

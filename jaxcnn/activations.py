@@ -20,12 +20,7 @@ import numpy as np
 from jax import lax
 
 from . import _shapes
-from ._windows import accum_dtype
-
-
-def _acc(x):
-    """``x`` in the dtype its arithmetic runs in (float32 for float16 / bfloat16)."""
-    return x.astype(accum_dtype(x.dtype))
+from ._windows import in_accum_dtype
 
 
 # ============================================================================================
@@ -105,7 +100,7 @@ def _leaky_relu_manual(x, negative_slope):
 
 
 def _leaky_relu_manual_forward(x, negative_slope):
-    return jnp.where(x >= 0, x, (negative_slope * _acc(x)).astype(x.dtype))
+    return jnp.where(x >= 0, x, (negative_slope * in_accum_dtype(x)).astype(x.dtype))
 
 
 def _leaky_relu_fwd(x, negative_slope):
@@ -114,7 +109,7 @@ def _leaky_relu_fwd(x, negative_slope):
 
 def _leaky_relu_bwd(negative_slope, x, dy):
     """``dL/dx = dL/dy · (1 if x >= 0 else α)``: 1 at the kink ``x = 0``."""
-    dx = jnp.where(x >= 0, _acc(dy), negative_slope * _acc(dy))
+    dx = jnp.where(x >= 0, in_accum_dtype(dy), negative_slope * in_accum_dtype(dy))
     return (dx.astype(dy.dtype),)
 
 
@@ -135,7 +130,7 @@ def sigmoid(x, *, impl="lax"):
 @partial(jax.jit, static_argnames=("impl",))
 def _sigmoid_jit(x, *, impl):
     if impl == "lax":
-        return jax.nn.sigmoid(_acc(x)).astype(x.dtype)
+        return jax.nn.sigmoid(in_accum_dtype(x)).astype(x.dtype)
     return _sigmoid_manual(x)
 
 
@@ -153,7 +148,7 @@ def _sigmoid_acc(x):
     """``σ(x) = 1 / (1 + e)`` for ``x >= 0`` and ``e / (1 + e)`` for ``x < 0``, with
     ``e = exp(-|x|) <= 1``: ``exp`` never overflows and neither branch divides by 0. In the
     accumulation dtype (float32 for half precision)."""
-    xa = _acc(x)
+    xa = in_accum_dtype(x)
     e = jnp.exp(-jnp.abs(xa))
     return jnp.where(xa >= 0, jnp.ones_like(e), e) / (1 + e)
 
@@ -170,7 +165,7 @@ def _sigmoid_bwd(y, dy):
     computed from the saved output ``y`` (no ``exp`` again, and bounded by 1/4 for any ``x``;
     ``y`` is saved in float32 for half precision).
     """
-    dx = _acc(dy) * y * (1 - y)
+    dx = in_accum_dtype(dy) * y * (1 - y)
     return (dx.astype(dy.dtype),)
 
 
@@ -190,7 +185,7 @@ def tanh(x, *, impl="lax"):
 
 @partial(jax.jit, static_argnames=("impl",))
 def _tanh_jit(x, *, impl):
-    return jnp.tanh(_acc(x)).astype(x.dtype) if impl == "lax" else _tanh_manual(x)
+    return jnp.tanh(in_accum_dtype(x)).astype(x.dtype) if impl == "lax" else _tanh_manual(x)
 
 
 @jax.custom_vjp
@@ -205,7 +200,7 @@ def _tanh_manual_forward(x):
 
 def _tanh_acc(x):
     """``tanh(x)`` in the accumulation dtype (float32 for half precision)."""
-    return jnp.tanh(_acc(x))
+    return jnp.tanh(in_accum_dtype(x))
 
 
 def _tanh_fwd(x):
@@ -219,7 +214,7 @@ def _tanh_bwd(y, dy):
     From ``tanh = sinh / cosh``: ``tanh' = (cosh² - sinh²) / cosh² = 1 - tanh²``, computed
     from the saved output ``y`` (``|y| <= 1``, so no overflow for any ``x``).
     """
-    dx = _acc(dy) * (1 - y * y)
+    dx = in_accum_dtype(dy) * (1 - y * y)
     return (dx.astype(dy.dtype),)
 
 
@@ -255,7 +250,7 @@ def gelu(x, approximate=False, *, impl="lax"):
 @partial(jax.jit, static_argnames=("approximate", "impl"))
 def _gelu_jit(x, *, approximate, impl):
     if impl == "lax":
-        return jax.nn.gelu(_acc(x), approximate=approximate).astype(x.dtype)
+        return jax.nn.gelu(in_accum_dtype(x), approximate=approximate).astype(x.dtype)
     return _gelu_manual(x, approximate)
 
 
@@ -266,7 +261,7 @@ def _gelu_manual(x, approximate):
 
 
 def _gelu_manual_forward(x, approximate):
-    xa = _acc(x)
+    xa = in_accum_dtype(x)
     if approximate:
         y = xa / 2 * (1 + jnp.tanh(_SQRT_2_OVER_PI * (xa + _GELU_C * xa ** 3)))
     else:
@@ -287,7 +282,7 @@ def _gelu_bwd(approximate, x, dy):
     Approximate: with ``u = √(2/π)·(x + 0.044715·x³)`` and ``t = tanh(u)``, ``y = x/2·(1 + t)``
     and ``dL/dx = dL/dy · ((1 + t)/2 + x/2 · (1 - t²) · √(2/π)·(1 + 3·0.044715·x²))``.
     """
-    xa, dya = _acc(x), _acc(dy)
+    xa, dya = in_accum_dtype(x), in_accum_dtype(dy)
     if approximate:
         t = jnp.tanh(_SQRT_2_OVER_PI * (xa + _GELU_C * xa ** 3))
         du_dx = _SQRT_2_OVER_PI * (1 + 3 * _GELU_C * xa ** 2)
@@ -324,7 +319,7 @@ def _check_axis(fn, x, axis) -> int:
 @partial(jax.jit, static_argnames=("axis", "impl"))
 def _softmax_jit(x, *, axis, impl):
     if impl == "lax":
-        return jax.nn.softmax(_acc(x), axis=axis).astype(x.dtype)
+        return jax.nn.softmax(in_accum_dtype(x), axis=axis).astype(x.dtype)
     return _softmax_manual(x, axis)
 
 
@@ -342,7 +337,7 @@ def _softmax_acc(x, axis):
     """``y = exp(x - max x) / Σ exp(x - max x)``: the shift changes nothing but keeps ``exp``
     from overflowing (the largest term is ``exp(0) = 1``, so the sum is >= 1). In the
     accumulation dtype (float32 for half precision)."""
-    xa = _acc(x)
+    xa = in_accum_dtype(x)
     e = jnp.exp(xa - lax.stop_gradient(jnp.max(xa, axis=axis, keepdims=True)))
     return e / jnp.sum(e, axis=axis, keepdims=True)
 
@@ -358,7 +353,7 @@ def _softmax_bwd(axis, y, dy):
     From ``∂y_j/∂x_i = y_j · (δ_ij - y_i)``: ``dL/dx_i = Σ_j dL/dy_j · y_j · (δ_ij - y_i)``,
     computed from the saved output ``y`` (sums along ``axis``).
     """
-    dya = _acc(dy)
+    dya = in_accum_dtype(dy)
     dx = y * (dya - jnp.sum(dya * y, axis=axis, keepdims=True))
     return (dx.astype(dy.dtype),)
 
@@ -381,7 +376,7 @@ def log_softmax(x, axis=-1, *, impl="lax"):
 @partial(jax.jit, static_argnames=("axis", "impl"))
 def _log_softmax_jit(x, *, axis, impl):
     if impl == "lax":
-        return jax.nn.log_softmax(_acc(x), axis=axis).astype(x.dtype)
+        return jax.nn.log_softmax(in_accum_dtype(x), axis=axis).astype(x.dtype)
     return _log_softmax_manual(x, axis)
 
 
@@ -398,7 +393,7 @@ def _log_softmax_manual_forward(x, axis=-1):
 def _log_softmax_acc(x, axis):
     """``y = (x - max x) - log Σ exp(x - max x)``: shifting by the max changes nothing but
     keeps ``exp`` from overflowing. In the accumulation dtype (float32 for half precision)."""
-    xs = _acc(x)
+    xs = in_accum_dtype(x)
     shifted = xs - lax.stop_gradient(jnp.max(xs, axis=axis, keepdims=True))
     return shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis=axis, keepdims=True))
 
@@ -413,7 +408,7 @@ def _log_softmax_bwd(axis, y, dy):
 
     From ``∂y_k/∂x_j = δ_kj - softmax_j``.
     """
-    dya = _acc(dy)
+    dya = in_accum_dtype(dy)
     dx = dya - jnp.exp(y) * jnp.sum(dya, axis=axis, keepdims=True)
     return (dx.astype(dy.dtype),)
 

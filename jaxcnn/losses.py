@@ -21,13 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _shapes
-from ._windows import accum_dtype
+from ._windows import accum_dtype, in_accum_dtype
 from .activations import _log_softmax_manual_forward, _sigmoid_manual_forward
-
-
-def _acc(x):
-    """``x`` in the dtype its arithmetic runs in (float32 for float16 / bfloat16)."""
-    return x.astype(accum_dtype(x.dtype))
 
 
 def _reduce(loss, reduction):
@@ -109,7 +104,7 @@ def _target_distribution(labels, num_classes, label_smoothing, dtype):
 @partial(jax.jit, static_argnames=("label_smoothing", "reduction", "impl"))
 def _cross_entropy_jit(logits, labels, *, label_smoothing, reduction, impl):
     if impl == "lax":
-        logp = jax.nn.log_softmax(_acc(logits), axis=-1)
+        logp = jax.nn.log_softmax(in_accum_dtype(logits), axis=-1)
         q = _target_distribution(labels, logits.shape[-1], label_smoothing, logp.dtype)
         return _reduce(-jnp.sum(q * logp, axis=-1), reduction).astype(logits.dtype)
     return _cross_entropy_manual(logits, labels, label_smoothing, reduction)
@@ -122,7 +117,7 @@ def _cross_entropy_manual(logits, labels, label_smoothing=0.0, reduction="mean")
 
 
 def _cross_entropy_manual_forward(logits, labels, label_smoothing=0.0, reduction="mean"):
-    logp = _log_softmax_manual_forward(_acc(logits))
+    logp = _log_softmax_manual_forward(in_accum_dtype(logits))
     q = _target_distribution(labels, logits.shape[-1], label_smoothing, logp.dtype)
     loss = -jnp.sum(q * logp, axis=-1)
     return _reduce(loss, reduction).astype(logits.dtype)
@@ -151,7 +146,7 @@ def _cross_entropy_bwd(label_smoothing, reduction, res, dl):
     ``logp`` is recomputed from the saved logits (one ``(N, C)`` log-softmax).
     """
     logits, labels = res
-    logp = _log_softmax_manual_forward(_acc(logits))
+    logp = _log_softmax_manual_forward(in_accum_dtype(logits))
     q = _target_distribution(labels, logp.shape[-1], label_smoothing, logp.dtype)
     dloss = _loss_cotangent(dl.astype(logp.dtype), logp.shape[:1], reduction)[:, None]
     dlogits = dloss * (jnp.exp(logp) * jnp.sum(q, axis=-1, keepdims=True) - q)
@@ -194,7 +189,7 @@ def binary_cross_entropy_with_logits(logits, targets, *, reduction="mean", impl=
 @partial(jax.jit, static_argnames=("reduction", "impl"))
 def _bce_jit(logits, targets, *, reduction, impl):
     if impl == "lax":
-        x, t = _acc(logits), targets.astype(accum_dtype(logits.dtype))
+        x, t = in_accum_dtype(logits), targets.astype(accum_dtype(logits.dtype))
         loss = -t * jax.nn.log_sigmoid(x) - (1 - t) * jax.nn.log_sigmoid(-x)
         return _reduce(loss, reduction).astype(logits.dtype)
     return _bce_manual(logits, targets, reduction)
@@ -207,7 +202,7 @@ def _bce_manual(logits, targets, reduction="mean"):
 
 
 def _bce_manual_forward(logits, targets, reduction="mean"):
-    x, t = _acc(logits), targets.astype(accum_dtype(logits.dtype))
+    x, t = in_accum_dtype(logits), targets.astype(accum_dtype(logits.dtype))
     loss = jnp.maximum(x, 0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
     return _reduce(loss, reduction).astype(logits.dtype)
 
@@ -225,7 +220,7 @@ def _bce_bwd(reduction, res, dl):
     (:func:`jaxcnn.sigmoid`'s manual forward); ``dℓ`` as in the module docstring.
     """
     logits, targets = res
-    x, t = _acc(logits), targets.astype(accum_dtype(logits.dtype))
+    x, t = in_accum_dtype(logits), targets.astype(accum_dtype(logits.dtype))
     dloss = _loss_cotangent(dl.astype(x.dtype), x.shape, reduction)
     dx = dloss * (_sigmoid_manual_forward(x) - t)
     dt = -dloss * x
@@ -262,7 +257,7 @@ def mse(pred, target, *, reduction="mean", impl="lax"):
 @partial(jax.jit, static_argnames=("reduction", "impl"))
 def _mse_jit(pred, target, *, reduction, impl):
     if impl == "lax":
-        diff = _acc(pred) - target.astype(accum_dtype(pred.dtype))
+        diff = in_accum_dtype(pred) - target.astype(accum_dtype(pred.dtype))
         return _reduce(jnp.square(diff), reduction).astype(pred.dtype)
     return _mse_manual(pred, target, reduction)
 
@@ -274,7 +269,7 @@ def _mse_manual(pred, target, reduction="mean"):
 
 
 def _mse_manual_forward(pred, target, reduction="mean"):
-    diff = _acc(pred) - target.astype(accum_dtype(pred.dtype))
+    diff = in_accum_dtype(pred) - target.astype(accum_dtype(pred.dtype))
     return _reduce(diff * diff, reduction).astype(pred.dtype)
 
 
@@ -288,7 +283,7 @@ def _mse_bwd(reduction, res, dl):
     With ``dℓ = dL / size`` for the mean: ``dpred = 2·(pred - target) / size``.
     """
     pred, target = res
-    diff = _acc(pred) - target.astype(accum_dtype(pred.dtype))
+    diff = in_accum_dtype(pred) - target.astype(accum_dtype(pred.dtype))
     dpred = _loss_cotangent(dl.astype(diff.dtype), diff.shape, reduction) * 2 * diff
     dtarget = -dpred
     return dpred.astype(pred.dtype), dtarget.astype(target.dtype)
