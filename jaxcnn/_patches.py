@@ -227,12 +227,18 @@ def _geometry(x_shape, cfg: WindowConfig, p: Plan) -> _Geometry:
     return _Geometry(out, window, block_window, (p.n_tile, *rows), region, padded)
 
 
-def _pad_input(x, cfg: WindowConfig, p: Plan, g: _Geometry):
+def _pad_input(x, cfg: WindowConfig, p: Plan, g: _Geometry, *, gathered: bool):
     """``Xpad``: the forward padding, then zeros up to whole tiles and blocks (images, rows
-    and columns that only meet zero-padded taps or outputs that are cropped)."""
+    and columns that only meet zero-padded taps or outputs that are cropped). When a patch
+    is ``gathered`` from it, it is written out first (:func:`jaxcnn._xla_cpu.materialize`);
+    the elementwise product reads it through slices that XLA fuses with the padding."""
     pads = tuple((lo, want - n - lo) for (lo, _), n, want in
                  zip(cfg.padding, x.shape[1:-1], g.padded))
-    return _pad_batch(pad(x, pads), p.n_tiles * p.n_tile)
+    batch = p.n_tiles * p.n_tile
+    if all(lo == hi == 0 for lo, hi in pads) and batch == x.shape[0]:
+        return x
+    run = lambda x: _pad_batch(pad(x, pads), batch)   # noqa: E731
+    return _xla_cpu.materialize(run, x) if gathered else run(x)
 
 
 def _pad_batch(a, n):
@@ -484,7 +490,8 @@ def correlate(x, kernel, cfg: WindowConfig, groups: int):
     if p.product == "fold":
         return _correlate_fold(x, kernel, cfg, p, acc)
     g = _geometry(x.shape, cfg, p)
-    xp, kb = _pad_input(x, cfg, p, g), _kernel_blocks(kernel, cfg, p, g, groups)
+    xp = _pad_input(x, cfg, p, g, gathered=p.product != "elementwise")
+    kb = _kernel_blocks(kernel, cfg, p, g, groups)
     co, n_blocks = kernel.shape[-1], _n_blocks(cfg, p)
 
     def tile(t, z):
@@ -588,7 +595,7 @@ def kernel_grad(x, dz, k_shape, cfg: WindowConfig, groups: int):
     if p.product == "fold":
         return _kernel_grad_fold(x, dz, k_shape, cfg, p, acc)
     g = _geometry(x.shape, cfg, p)
-    xp, dzp = _pad_input(x, cfg, p, g), _pad_dz(dz, p)
+    xp, dzp = _pad_input(x, cfg, p, g, gathered=True), _pad_dz(dz, p)
     n_blocks, taps, (ci, co) = _n_blocks(cfg, p), math.prod(g.block_window), k_shape[-2:]
 
     def tile(t, dk):
