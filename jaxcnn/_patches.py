@@ -18,7 +18,8 @@ each on a piece of ``P`` small enough to stay in cache. So the memory traffic is
 pass over the input and the output per product, the program holds one block of taps however
 large the window (compile time does not grow with ``T``), and the backward keeps only ``X``
 and ``K``. Where one tile covers the whole layer (the default off CPU, :mod:`jaxcnn._xla_cpu`)
-no loop is emitted. The choices (tile size, block size, product kind) are made in
+no loop is emitted. The choices (tile size, block size, product kind, how a patch is built:
+gathered, or cut as slices) are made in
 :func:`plan` from the layer's shapes alone, with the cost model written there.
 
 Shapes: ``x: (N, *spatial, C_in)``, ``kernel: (*window, C_in // groups, C_out)``, ``dz: (N,
@@ -74,6 +75,20 @@ elementwise vs matrix product: 3x3 3->32 (864) 0.22 vs 0.33, 3x3 7->32 (2016) 0.
 3x3 3->64 (1728) 1.10 vs 1.40; 3x3 7->64 (4032) 2.19 vs 1.56, 3x3 3->128 (3456) 1.18 vs 0.81,
 3x3 7->256 2.82 vs 1.00. A single tap (a 1x1 convolution) never runs elementwise: its patch is
 the (strided) input itself, nothing to save (1x1 64->32 1.59 vs 0.62, 64->256 3.11 vs 0.64)."""
+SLICES_RUN = 128
+"""The patch matrix is gathered (:func:`_patch_gather`: one contiguous run of ``kw · C_in``
+numbers per window row) or, for a layer whose patch is one tile and whose last dim has a
+stride, cut as slices of the input's phase view (:func:`_patch_slices`: runs of at most
+``s · C_in`` numbers, plain copies, no per-element addresses). XLA:CPU's gather is slow on
+short runs; the slices pay while the window row is at most this many numbers, and for a single
+tap always. Measured forward, manual / lax, gather vs slices (one interleaved run): 7x7 3->64
+s2 at 224x224 1.86 vs 1.21, 11x11 3->64 s4 1.14 vs 0.81, 3x3 16->16 s2 2.57 vs 1.34, 3x3
+16->16 s2 at 32x32 2.35 vs 1.53, 3x3 32->32 s2 2.35 vs 1.63, 3x3 64->64 s2 (rows of 192)
+1.08 vs 1.17, 3x3 8->8 s2 0.99 vs 0.94; a single tap: 1x1 256->64 0.83 vs 0.44, 1-D 1 128->128
+1.60 vs 1.23, 3-D 1x1x1 64->64 1.53 vs 1.04. Without a stride the slices are one tap of
+``C_in`` numbers each and lose where channels are few (5x5 4->32 2.50 vs 3.00, 5x5 8->32
+2.59 vs 3.47); in a loop over tiles they lose too (each slice then has a dynamic start: 3x3
+32->64 s2 at batch 128 1.27 vs 2.79)."""
 MATMUL_MIN_WIDTH = 8
 """Grouped layers with fewer input channels per group than this also run elementwise: their
 product would be a batched product over the groups with a tiny contraction each (measured:
@@ -87,7 +102,8 @@ class Plan(NamedTuple):
     ``n_tiles × r_tiles`` of them (the last ones padded with zeros). A block holds every tap of
     the spatial dims after ``split``, ``chunk`` consecutive taps of dim ``split`` and one tap of
     each dim before it; ``split == -1`` means a single block with every tap. ``product`` is
-    ``"matmul"`` or ``"elementwise"``.
+    ``"matmul"``, ``"fold"`` or ``"elementwise"``; ``patch`` how a matrix product's patch is
+    built, ``"gather"`` or ``"slices"`` (:func:`_patch`).
     """
 
     n_tile: int
@@ -98,6 +114,7 @@ class Plan(NamedTuple):
     chunk: int
     n_chunks: int
     product: str
+    patch: str = "gather"
 
     @property
     def tiles(self) -> int:
@@ -146,15 +163,26 @@ def plan(x_shape, k_shape, cfg: WindowConfig, groups: int, itemsize: int) -> Pla
     split, chunk, n_chunks = _blocks(window, c_in, BLOCK_WIDTH, ROW_WIDTH)
     taps = chunk * math.prod(window[split + 1:]) if split >= 0 else math.prod(window)
     bytes_row = math.prod(out[1:]) * taps * c_in * groups * itemsize
-    if budget is None:
-        return Plan(n, 1, out[0], 1, split, chunk, n_chunks, "matmul")
-    product = "matmul"
-    rows = max(1, budget // bytes_row)
+    rows = out[0] * n if budget is None else max(1, budget // bytes_row)
     if rows >= out[0]:
         n_tiles = -(-n // max(1, rows // out[0]))
-        return Plan(-(-n // n_tiles), n_tiles, out[0], 1, split, chunk, n_chunks, product)
-    r_tiles = -(-out[0] // rows)
-    return Plan(1, n, -(-out[0] // r_tiles), r_tiles, split, chunk, n_chunks, product)
+        tiles = Plan(-(-n // n_tiles), n_tiles, out[0], 1, split, chunk, n_chunks, "matmul")
+    else:
+        r_tiles = -(-out[0] // rows)
+        tiles = Plan(1, n, -(-out[0] // r_tiles), r_tiles, split, chunk, n_chunks, "matmul")
+    return tiles._replace(patch=_patch_kind(cfg, c_in, tiles))
+
+
+def _patch_kind(cfg: WindowConfig, c_in: int, p: Plan) -> str:
+    """``"slices"`` where the whole layer's patch is one tile and one block and either a
+    single tap (the patch is the strided input itself) or a stride in the last dim with window
+    rows of at most :data:`SLICES_RUN` numbers; else ``"gather"``."""
+    if p.tiles != 1 or p.split >= 0:
+        return "gather"
+    if math.prod(cfg.window) == 1:
+        return "slices"
+    row = ((cfg.window[-1] - 1) * cfg.dilation[-1] + 1) * c_in
+    return "slices" if cfg.stride[-1] > 1 and row <= SLICES_RUN else "gather"
 
 
 def _fold_bytes(x_shape, k_shape, cfg: WindowConfig, groups: int, out):
@@ -223,7 +251,7 @@ def _geometry(x_shape, cfg: WindowConfig, p: Plan) -> _Geometry:
                    zip(window, cfg.dilation, rows, cfg.stride))
     need = ((p.r_tiles - 1) * p.r_tile * cfg.stride[0] + region[0], *region[1:])
     have = tuple(n + lo + hi for n, (lo, hi) in zip(x_shape[1:-1], cfg.padding))
-    padded = tuple(max(a, b) for a, b in zip(need, have))
+    padded = tuple(-(-max(a, b) // st) * st for a, b, st in zip(need, have, cfg.stride))
     return _Geometry(out, window, block_window, (p.n_tile, *rows), region, padded)
 
 
@@ -302,11 +330,59 @@ def _gather_starts(cfg: WindowConfig, g: _Geometry, first: int, c_in: int):
 
 def _patch(xp, t, j, cfg: WindowConfig, p: Plan, g: _Geometry):
     """Block ``j``'s patch for tile ``t``, ``(M, taps · C_in)``: row ``i``, tap ``u`` holds
-    ``Xpad[tile_t + i * s + offset_j + u * d]``, taps in row-major order.
+    ``Xpad[tile_t + i * s + offset_j + u * d]``, taps in row-major order; gathered or cut
+    as slices, as the plan says (:data:`SLICES_RUN`)."""
+    if p.patch == "slices":
+        return _patch_slices(xp, cfg, p, g)
+    return _patch_gather(xp, t, j, cfg, p, g)
 
-    One ``lax.gather`` straight from the padded input, whatever the number of taps, with the
-    input viewed with its last spatial dim and channels merged (``(N, ..., W · C_in)``, a free
-    reshape). Each gathered slice is a contiguous run: for a window without kernel dilation,
+
+def _last_dim_runs(cfg: WindowConfig):
+    """The last dim's taps as runs ``(block, phase, count)`` of the phase view (see
+    :func:`_patch_slices`): consecutive taps (no kernel dilation) that fall into one block of
+    ``s`` positions form one run of ``count · C_in`` contiguous numbers."""
+    s, d = cfg.stride[-1], cfg.dilation[-1]
+    runs = []
+    for u in range(cfg.window[-1]):
+        block, phase = divmod(u * d, s)
+        if runs and d == 1 and runs[-1][0] == block and sum(runs[-1][1:]) == phase:
+            runs[-1][2] += 1
+        else:
+            runs.append([block, phase, 1])
+    return [tuple(r) for r in runs]
+
+
+def _patch_slices(xp, cfg: WindowConfig, p: Plan, g: _Geometry):
+    """The whole layer's patch (one tile, one block) as static slices of the *phase view*,
+    concatenated: each spatial dim of the padded input (a multiple of the stride) viewed as
+    ``(R / s, s)``, position ``i * s + e`` at ``(i + e // s, e % s)``, and the last dim's phase
+    merged with the channels (a free reshape). Tap ``e`` of a dim is then the plain slice
+    ``[e // s : e // s + rows, e % s]``; in the last dim, the taps of one block are one slice
+    ``s · C_in`` wide at most (:func:`_last_dim_runs`). Nothing is gathered: XLA:CPU copies
+    each slice and concatenates them with plain copies."""
+    nd, n, c = cfg.ndim, xp.shape[0], xp.shape[-1]
+    view = xp.reshape(n, *(v for q in range(nd - 1) for v in (xp.shape[1 + q] // cfg.stride[q],
+                                                              cfg.stride[q])),
+                      xp.shape[-2] // cfg.stride[-1], cfg.stride[-1] * c)
+    rows = g.tile_out[1:]
+    pieces = []
+    for taps in itertools.product(*(range(k) for k in cfg.window[:-1])):
+        start, size = [0], [n]
+        for q, u in enumerate(taps):
+            block, phase = divmod(u * cfg.dilation[q], cfg.stride[q])
+            start += [block, phase]
+            size += [rows[q], 1]
+        for block, phase, count in _last_dim_runs(cfg):
+            lo = [*start, block, phase * c]
+            hi = [a + b for a, b in zip(lo, [*size, rows[-1], count * c])]
+            pieces.append(lax.slice(view, lo, hi).reshape(-1, count * c))
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=1)
+
+
+def _patch_gather(xp, t, j, cfg: WindowConfig, p: Plan, g: _Geometry):
+    """:func:`_patch` as one ``lax.gather`` straight from the padded input, whatever the
+    number of taps, with the input viewed with its last spatial dim and channels merged
+    (``(N, ..., W · C_in)``, a free reshape). Each gathered slice is a contiguous run: for a window without kernel dilation,
     ``kw · C_in`` numbers per window row, and the rows of the trailing dims without dilation
     are spanned by the slice; taps of dims with dilation are enumerated in the indices. The
     tile's and block's offsets are added to constant start indices. Measured on XLA:CPU: long

@@ -193,6 +193,14 @@ ENGINE_CASES = {
     "folded form, image tiles": ((5, 7, 7, 16), (3, 3, 16, 8), dict(padding="SAME"), "fold", 2),
     "folded form, last-dim stride and dilation": ((3, 8, 11, 16), (2, 3, 16, 6),
                                                   dict(stride=(1, 2), dilation=(2, 1)), "fold", 2),
+    # One tile, with a stride in the last dim or a single tap: the patch is cut as slices of
+    # the input's phase view (_patch_slices) instead of gathered.
+    "patch as slices, stride and uneven padding": ((1, 7, 9, 12), (3, 3, 12, 10),
+                                                    dict(stride=2, padding=((2, 1), (0, 2))),
+                                                    "slices", 1),
+    "patch as slices, strides and dilation": ((1, 9, 14, 12), (2, 3, 12, 6),
+                                              dict(stride=(2, 3), dilation=2), "slices", 1),
+    "patch as slices, one tap": ((2, 5, 6, 16), (1, 1, 16, 8), {}, "slices", 1),
     # A stride at least the window, or dividing it, runs as a stride-1 correlation of the
     # phases (_strides_to_phases): windows of 2 and 4 with stride 2, of 3 with stride 4.
     "stride as phases (2-D)": ((2, 13, 12, 12), (2, 4, 12, 10),
@@ -225,8 +233,10 @@ def test_every_formulation_of_the_engine(name):
     plan = _patches.plan(x_shape, k_shape, cfg, groups, 8)
     if product == "phases":
         assert plan.product != "elementwise" and _patches._phases_pay(k_shape, cfg, groups)
+    elif product == "slices":
+        assert (plan.product, plan.patch, plan.tiles) == ("matmul", "slices", 1), plan
     else:
-        assert plan.product == product and plan.tiles >= tiles, plan
+        assert plan.product == product and plan.tiles >= tiles and plan.patch == "gather", plan
         assert not _patches._phases_pay(k_shape, cfg, groups)
     rng = np.random.default_rng(5)
     x, k = rng.normal(size=x_shape), rng.normal(size=k_shape)
