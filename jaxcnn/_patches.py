@@ -82,13 +82,21 @@ stride, cut as slices of the input's phase view (:func:`_patch_slices`: runs of 
 ``s · C_in`` numbers, plain copies, no per-element addresses). XLA:CPU's gather is slow on
 short runs; the slices pay while the window row is at most this many numbers, and for a single
 tap always. Measured forward, manual / lax, gather vs slices (one interleaved run): 7x7 3->64
-s2 at 224x224 1.86 vs 1.21, 11x11 3->64 s4 1.14 vs 0.81, 3x3 16->16 s2 2.57 vs 1.34, 3x3
+s2 at 224x224 1.86 vs 1.21 and 11x11 3->64 s4 1.14 vs 0.81 (both too many slices to
+compile, :data:`SLICES_PIECES`), 3x3 16->16 s2 2.57 vs 1.34, 3x3
 16->16 s2 at 32x32 2.35 vs 1.53, 3x3 32->32 s2 2.35 vs 1.63, 3x3 64->64 s2 (rows of 192)
 1.08 vs 1.17, 3x3 8->8 s2 0.99 vs 0.94; a single tap: 1x1 256->64 0.83 vs 0.44, 1-D 1 128->128
 1.60 vs 1.23, 3-D 1x1x1 64->64 1.53 vs 1.04. Without a stride the slices are one tap of
 ``C_in`` numbers each and lose where channels are few (5x5 4->32 2.50 vs 3.00, 5x5 8->32
 2.59 vs 3.47); in a loop over tiles they lose too (each slice then has a dynamic start: 3x3
 32->64 s2 at batch 128 1.27 vs 2.79)."""
+SLICES_PIECES = 8
+"""...and while the patch is at most this many slices (window rows times runs per row): each
+slice is compiled as its own loop, about 15 ms of compile time apiece (a 7x7 stride-2 window,
+28 slices, took 0.66 s to compile forward and backward against 0.21 s gathered). For the same
+reason the kernel gradient always gathers: its patch is built once more in the backward, and
+there the slices bought less (forward+backward, manual / lax, kernel gradient gathered vs
+sliced: 3x3 16->16 s2 0.80 vs 0.90, 7x7 3->64 s2 0.78 vs 0.95)."""
 MATMUL_MIN_WIDTH = 8
 """Grouped layers with fewer input channels per group than this also run elementwise: their
 product would be a batched product over the groups with a tiny contraction each (measured:
@@ -138,6 +146,10 @@ def plan(x_shape, k_shape, cfg: WindowConfig, groups: int, itemsize: int) -> Pla
       It is chosen when it moves fewer bytes than the patch matrix (:func:`_fold_bytes`):
       the typical narrow layer (3x3, 16 to 64 channels) gathers a third of the numbers, and
       its product gets 3x as many columns.
+    - Strides in the dims before the last: where the row phases of the input fold into
+      fewer numbers moved than the whole window's patch (:func:`_row_phases_pay`),
+      :func:`correlate` and :func:`kernel_grad` run the layer as a sum of stride-1 phases
+      (:func:`_row_phases`), each planned here on its own.
     - Blocks: whole window rows, grouped while the block's width ``taps · C_in/G`` stays
       within :data:`BLOCK_WIDTH` (see :func:`_blocks`). A window that fits is one block.
     - Tiles: as many whole images as keep one block's patch tile within
@@ -176,13 +188,16 @@ def plan(x_shape, k_shape, cfg: WindowConfig, groups: int, itemsize: int) -> Pla
 def _patch_kind(cfg: WindowConfig, c_in: int, p: Plan) -> str:
     """``"slices"`` where the whole layer's patch is one tile and one block and either a
     single tap (the patch is the strided input itself) or a stride in the last dim with window
-    rows of at most :data:`SLICES_RUN` numbers; else ``"gather"``."""
+    rows of at most :data:`SLICES_RUN` numbers and at most :data:`SLICES_PIECES` slices; else
+    ``"gather"``."""
     if p.tiles != 1 or p.split >= 0:
         return "gather"
     if math.prod(cfg.window) == 1:
         return "slices"
     row = ((cfg.window[-1] - 1) * cfg.dilation[-1] + 1) * c_in
-    return "slices" if cfg.stride[-1] > 1 and row <= SLICES_RUN else "gather"
+    pieces = math.prod(cfg.window[:-1]) * len(_last_dim_runs(cfg))
+    return ("slices" if cfg.stride[-1] > 1 and row <= SLICES_RUN and pieces <= SLICES_PIECES
+            else "gather")
 
 
 def _fold_bytes(x_shape, k_shape, cfg: WindowConfig, groups: int, out):
@@ -560,6 +575,12 @@ def correlate(x, kernel, cfg: WindowConfig, groups: int):
     """``Z = X ⋆ K`` (no bias): ``(N, *out, C_out)`` in ``x``'s accumulation dtype."""
     acc = accum_dtype(x.dtype)
     p = plan(x.shape, kernel.shape, cfg, groups, x.dtype.itemsize)
+    if p.product != "elementwise" and _row_phases_pay(x.shape, kernel.shape, cfg, groups):
+        z = None
+        for xq, taps, cq in _row_phases(x, cfg):
+            zq = correlate(xq, kernel[taps], cq, groups)
+            z = zq if z is None else z + zq
+        return z
     if p.product != "elementwise" and _phases_pay(kernel.shape, cfg, groups):
         x, kernel, cfg = _strides_to_phases(x, kernel, cfg)
         p = plan(x.shape, kernel.shape, cfg, groups, x.dtype.itemsize)
@@ -587,6 +608,75 @@ def correlate(x, kernel, cfg: WindowConfig, groups: int):
                                              *g.out[1:], co), acc)
     z = _loop(p.tiles, tile, z)
     return z[:x.shape[0], :g.out[0]]
+
+
+def _row_phase_dims(cfg: WindowConfig):
+    """The dims before the last with a stride (and no kernel dilation): the ones
+    :func:`_row_phases` splits."""
+    return [q for q in range(cfg.ndim - 1) if cfg.stride[q] > 1 and cfg.dilation[q] == 1
+            and cfg.window[q] > 1]
+
+
+def _row_phase_shapes(x_shape, k_shape, cfg: WindowConfig):
+    """``[(x shape, kernel shape, cfg)]`` of the phases of :func:`_row_phases`."""
+    out, dims = output_spatial(x_shape[1:-1], cfg), _row_phase_dims(cfg)
+    shapes = []
+    for phase in itertools.product(*(range(min(cfg.stride[q], cfg.window[q])) for q in dims)):
+        window, xs, stride, padding = list(cfg.window), list(x_shape), list(cfg.stride), \
+            list(cfg.padding)
+        for q, r in zip(dims, phase):
+            window[q] = -(-(cfg.window[q] - r) // cfg.stride[q])
+            xs[1 + q] = out[q] + window[q] - 1
+            stride[q], padding[q] = 1, (0, 0)
+        shapes.append((tuple(xs), (*window, *k_shape[-2:]),
+                       WindowConfig(tuple(window), tuple(stride), tuple(padding), cfg.dilation)))
+    return shapes
+
+
+def _row_phases(x, cfg: WindowConfig):
+    """A correlation with strides in the dims before the last as a sum of correlations with
+    stride 1 there, exactly ("phases"): per such dim with stride ``s`` and window ``k``,
+    tap ``m = a·s + r`` (``0 <= r < s``) reads ``Xpad[i·s + a·s + r] = X_r[i + a]``, with
+    ``X_r = Xpad[r::s]``: ``Z = Σ_r X_r ⋆ K[r::s]``, each a stride-1 correlation with
+    ``ceil((k - r) / s)`` taps. Unlike :func:`_strides_to_phases` no zero taps are added; each
+    phase can then run in the folded form. Yields ``(x_r, kernel index, cfg_r)``."""
+    dims, out = _row_phase_dims(cfg), output_spatial(x.shape[1:-1], cfg)
+    pads = list(cfg.padding)
+    for q in dims:   # exactly the rows the windows read: s·(out - 1) + k
+        lo = cfg.padding[q][0]
+        pads[q] = (lo, cfg.stride[q] * (out[q] - 1) + cfg.window[q] - x.shape[1 + q] - lo)
+    pads = [pads[q] if q in dims else (0, 0) for q in range(cfg.ndim)]
+    xp = pad(x, tuple(pads))
+    phases = itertools.product(*(range(min(cfg.stride[q], cfg.window[q])) for q in dims))
+    for phase, (xs, _, cq) in zip(phases, _row_phase_shapes(x.shape, (1, 1), cfg)):
+        index = [slice(None)] * (cfg.ndim + 2)
+        taps = [slice(None)] * cfg.ndim
+        for q, r in zip(dims, phase):
+            index[1 + q] = slice(r, r + cfg.stride[q] * (xs[1 + q] - 1) + 1, cfg.stride[q])
+            taps[q] = slice(r, None, cfg.stride[q])
+        yield xp[tuple(index)], tuple(taps), cq
+
+
+def _row_phases_pay(x_shape, k_shape, cfg: WindowConfig, groups: int) -> bool:
+    """Whether :func:`_row_phases` moves fewer numbers than the patch matrix of the whole
+    layer: it pays where a phase runs in the folded form (:func:`_fold_bytes`) and the folds
+    read fewer numbers than the window's taps (wide windows, few channels: a 7x7 stride-2
+    layer with 16 channels in gathers 784 numbers per output position as one patch, about
+    460 as two folded phases). Phases that do not fold count their patch matrix; the phases'
+    outputs are summed (written and read once more each)."""
+    if groups != 1 or cfg.ndim < 2 or not _row_phase_dims(cfg):
+        return False
+    out = output_spatial(x_shape[1:-1], cfg)
+    ci, co = k_shape[-2:]
+    rows = math.prod(out)
+    im2col = 2 * math.prod(cfg.window) * ci * rows
+    total = 0
+    for xs, ks, cq in _row_phase_shapes(x_shape, k_shape, cfg):
+        fold = _fold_bytes(xs, ks, cq, 1, out)
+        own = 2 * math.prod(ks[:-2]) * ci * rows
+        total += min(own, fold[1]) if fold is not None else own
+        total += 2 * co * rows
+    return total < im2col
 
 
 PHASES_WASTE = 1.0
@@ -667,7 +757,13 @@ def _tile_dz(dz, t, cfg: WindowConfig, p: Plan, g: _Geometry, groups: int):
 def kernel_grad(x, dz, k_shape, cfg: WindowConfig, groups: int):
     """``dK = X ⋆ dZ`` (``= Pᵀ · dZ``) in ``x``'s accumulation dtype, shaped ``k_shape``."""
     acc = accum_dtype(x.dtype)
-    p = plan(x.shape, k_shape, cfg, groups, x.dtype.itemsize)
+    # The kernel gradient always gathers its patch (see SLICES_PIECES).
+    p = plan(x.shape, k_shape, cfg, groups, x.dtype.itemsize)._replace(patch="gather")
+    if p.product != "elementwise" and _row_phases_pay(x.shape, k_shape, cfg, groups):
+        dk = jnp.zeros(k_shape, acc)
+        for xq, taps, cq in _row_phases(x, cfg):
+            dk = dk.at[taps].set(kernel_grad(xq, dz, dk[taps].shape, cq, groups))
+        return dk
     if p.product == "fold":
         return _kernel_grad_fold(x, dz, k_shape, cfg, p, acc)
     g = _geometry(x.shape, cfg, p)

@@ -201,6 +201,13 @@ ENGINE_CASES = {
     "patch as slices, strides and dilation": ((1, 9, 14, 12), (2, 3, 12, 6),
                                               dict(stride=(2, 3), dilation=2), "slices", 1),
     "patch as slices, one tap": ((2, 5, 6, 16), (1, 1, 16, 8), {}, "slices", 1),
+    # Strides in the dims before the last, with a wide window and few channels: a sum of
+    # stride-1 correlations of the row phases (_row_phases), each in the folded form.
+    "row phases, folded (2-D)": ((2, 20, 21, 16), (7, 7, 16, 8),
+                                 dict(stride=(3, 2), padding=((3, 1), (2, 2))), "row phases", 1),
+    "row phases, folded (3-D, last-dim dilation)": ((2, 9, 10, 11, 16), (5, 3, 3, 16, 8),
+                                                    dict(stride=(2, 3, 1), dilation=(1, 1, 2)),
+                                                    "row phases", 1),
     # A stride at least the window, or dividing it, runs as a stride-1 correlation of the
     # phases (_strides_to_phases): windows of 2 and 4 with stride 2, of 3 with stride 4.
     "stride as phases (2-D)": ((2, 13, 12, 12), (2, 4, 12, 10),
@@ -231,7 +238,10 @@ def test_every_formulation_of_the_engine(name):
                               padding=options.get("padding", "VALID"),
                               dilation=options.get("dilation", 1), groups=groups)
     plan = _patches.plan(x_shape, k_shape, cfg, groups, 8)
-    if product == "phases":
+    if product == "row phases":
+        assert plan.product != "elementwise" and _patches._row_phases_pay(x_shape, k_shape, cfg,
+                                                                           groups)
+    elif product == "phases":
         assert plan.product != "elementwise" and _patches._phases_pay(k_shape, cfg, groups)
     elif product == "slices":
         assert (plan.product, plan.patch, plan.tiles) == ("matmul", "slices", 1), plan
