@@ -152,9 +152,10 @@ def plan(x_shape, k_shape, cfg: WindowConfig, groups: int, itemsize: int) -> Pla
       (:func:`_row_phases`), each planned here on its own.
     - Blocks: whole window rows, grouped while the block's width ``taps · C_in/G`` stays
       within :data:`BLOCK_WIDTH` (see :func:`_blocks`). A window that fits is one block.
-    - Tiles: as many whole images as keep one block's patch tile within
-      :func:`jaxcnn._xla_cpu.tile_bytes`; if one image is too large, as many output rows; tile
-      counts are balanced so padding wastes less than one tile.
+    - Tiles: one tile (no loop) where the layer's patch is at most
+      :func:`jaxcnn._xla_cpu.one_tile_bytes`; else as many whole images as keep one block's
+      patch tile within :func:`jaxcnn._xla_cpu.tile_bytes`; if one image is too large, as many
+      output rows; tile counts are balanced so padding wastes less than one tile.
     """
     n, c_in = x_shape[0], k_shape[-2]
     window = cfg.window
@@ -175,7 +176,10 @@ def plan(x_shape, k_shape, cfg: WindowConfig, groups: int, itemsize: int) -> Pla
     split, chunk, n_chunks = _blocks(window, c_in, BLOCK_WIDTH, ROW_WIDTH)
     taps = chunk * math.prod(window[split + 1:]) if split >= 0 else math.prod(window)
     bytes_row = math.prod(out[1:]) * taps * c_in * groups * itemsize
-    rows = out[0] * n if budget is None else max(1, budget // bytes_row)
+    if budget is None or n * out[0] * bytes_row <= _xla_cpu.one_tile_bytes():
+        rows = out[0] * n
+    else:
+        rows = max(1, budget // bytes_row)
     if rows >= out[0]:
         n_tiles = -(-n // max(1, rows // out[0]))
         tiles = Plan(-(-n // n_tiles), n_tiles, out[0], 1, split, chunk, n_chunks, "matmul")

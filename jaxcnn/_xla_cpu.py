@@ -30,10 +30,18 @@ What they work around, measured on a 2-core x86-64 VM with jax/jaxlib 0.10.2:
 - :func:`tile_bytes`: the size of one tile of the patch matrix in the tiled convolution
   (:mod:`jaxcnn._patches`). Building a whole layer's patch matrix at once runs out of cache
   (a 37 MB patch took 37 ms to build, 5x lax's whole convolution); tiles in a loop keep it in
-  the 32 MiB L3 cache, and the loop costs about 1 us per iteration. Tiles of 4 MiB, 16 MiB and
-  64 MiB measured: LeNet-5 forward+backward 1.04x / 0.68x / 0.74x lax's time, the CIFAR stack
-  0.61x / 0.59x / 0.58x, small_cnn 0.80x / 0.80x / 0.84x (one run each, interleaved with lax);
-  16 MiB it is. On GPU and TPU one tile covers the whole layer (one big product is what those
+  cache, and the loop costs about 1 us per iteration. A patch of up to
+  :data:`ONE_TILE_BYTES` (16 MiB) is built whole, with no loop; a larger one runs in tiles of
+  :data:`TILE_BYTES` (4 MiB). Measured forward, manual / lax, over the convolutions of
+  ``benchmarks/ops.py`` in one interleaved run, loops of 16 MiB tiles (the earlier rule) vs
+  4 MiB tiles with layers up to 16 MiB whole vs 4 MiB tiles with layers up to 8 MiB whole:
+  3x3 32->64 s2 at batch 128 2.25 / 1.17 / 1.01, the CIFAR stack's 3x3 32->64 1.73 / 1.18 /
+  1.15, small_cnn's 3x3 32->32 1.36 / 1.09 / 1.07, 1-D 33 16->16 1.34 / 1.07 / 1.08, 3x3
+  64->64 in 2 groups 0.92 / 0.68 / 0.69, 1-D 3 32->32 d4 (a 12.6 MB patch) 2.26 / 2.01 /
+  2.48, 1x1 64->256 (6.4 MB) 0.76 / 0.71 / 0.98, the others within the noise. Whole networks,
+  forward+backward, with 16 / 4 / 2 MiB tiles: LeNet-5 0.58 / 0.58 / 0.58, the CIFAR stack
+  0.53 / 0.54 / 0.51, small_cnn 0.84 / 0.78 / 0.79, the ResNet 0.83 / 0.88 / 0.81 (within the
+  noise). On GPU and TPU one tile covers the whole layer (one big product is what those
   backends are fast at).
 """
 
@@ -48,8 +56,13 @@ from jax import lax
 ENABLED = os.environ.get("JAXCNN_XLA_CPU_WORKAROUNDS", "1") != "0"
 """The one switch: False turns every workaround of this module off."""
 
-TILE_BYTES = 1 << 24
-"""Bytes of one patch-matrix tile on CPU (see the module docstring for the measurement)."""
+TILE_BYTES = 1 << 22
+"""Bytes of one patch-matrix tile on CPU, where the layer's patch runs in a loop of tiles (see
+the module docstring for the measurement)."""
+
+ONE_TILE_BYTES = 1 << 24
+"""A layer whose whole patch matrix is at most this many bytes runs as one tile, with no loop
+(see the module docstring)."""
 
 FOLD_TILE_BYTES = 1 << 22
 """Bytes of one tile of the folded form (window rows plus ``Y``), which writes ``Y`` and reads
@@ -99,3 +112,11 @@ def tile_bytes(*, folded: bool = False) -> int | None:
     if not active():
         return None
     return FOLD_TILE_BYTES if folded else TILE_BYTES
+
+
+def one_tile_bytes() -> int | None:
+    """Bytes of the largest patch built whole, in one tile with no loop, on CPU (None: no
+    limit, one tile always)."""
+    if not active():
+        return None
+    return ONE_TILE_BYTES

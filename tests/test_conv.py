@@ -223,6 +223,7 @@ def small_tiles(monkeypatch):
     from jaxcnn import _xla_cpu
     monkeypatch.setattr(_xla_cpu, "ENABLED", True)
     monkeypatch.setattr(_xla_cpu, "TILE_BYTES", 24_000)
+    monkeypatch.setattr(_xla_cpu, "ONE_TILE_BYTES", 24_000)
     monkeypatch.setattr(_xla_cpu, "FOLD_TILE_BYTES", 40_000)
 
 
