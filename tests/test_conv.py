@@ -230,6 +230,19 @@ def small_tiles(monkeypatch):
 @pytest.mark.usefixtures("x64", "small_tiles")
 @pytest.mark.parametrize("name", sorted(ENGINE_CASES))
 def test_every_formulation_of_the_engine(name):
+    _check_engine_case(name)
+
+
+@pytest.mark.usefixtures("x64", "small_tiles")
+@pytest.mark.parametrize("name", [n for n in sorted(ENGINE_CASES) if "fold" in n])
+def test_folded_form_with_its_outer_taps_in_a_loop(name, monkeypatch):
+    """The folded form with more outer taps than FOLD_UNROLL sums them in a fori_loop."""
+    from jaxcnn import _patches
+    monkeypatch.setattr(_patches, "FOLD_UNROLL", 1)
+    _check_engine_case(name)
+
+
+def _check_engine_case(name):
     from jaxcnn import _patches
     from jaxcnn.convolution import _conv_input_grad
 
