@@ -93,7 +93,9 @@ s2 at 224x224 1.86 vs 1.21 and 11x11 3->64 s4 1.14 vs 0.81 (both too many slices
 compile, :data:`SLICES_PIECES`), 3x3 16->16 s2 2.57 vs 1.34, 3x3
 16->16 s2 at 32x32 2.35 vs 1.53, 3x3 32->32 s2 2.35 vs 1.63, 3x3 64->64 s2 (rows of 192)
 1.08 vs 1.17, 3x3 8->8 s2 0.99 vs 0.94; a single tap: 1x1 256->64 0.83 vs 0.44, 1-D 1 128->128
-1.60 vs 1.23, 3-D 1x1x1 64->64 1.53 vs 1.04. Without a stride the slices are one tap of
+1.60 vs 1.23, 3-D 1x1x1 64->64 1.53 vs 1.04; a kernel dilation in the last dim (the gather
+then copies one tap's ``C_in`` numbers at a time): 1-D 3 32->32 d4 2.14 vs 1.85. Without a
+stride or dilation the slices are one tap of
 ``C_in`` numbers each and lose where channels are few (5x5 4->32 2.50 vs 3.00, 5x5 8->32
 2.59 vs 3.47); in a loop over tiles they lose too (each slice then has a dynamic start: 3x3
 32->64 s2 at batch 128 1.27 vs 2.79)."""
@@ -198,17 +200,17 @@ def plan(x_shape, k_shape, cfg: WindowConfig, groups: int, itemsize: int) -> Pla
 
 def _patch_kind(cfg: WindowConfig, c_in: int, p: Plan) -> str:
     """``"slices"`` where the whole layer's patch is one tile and one block and either a
-    single tap (the patch is the strided input itself) or a stride in the last dim with window
-    rows of at most :data:`SLICES_RUN` numbers and at most :data:`SLICES_PIECES` slices; else
-    ``"gather"``."""
+    single tap (the patch is the strided input itself) or a stride or kernel dilation in the
+    last dim, with gathered runs (window rows; one tap's channels under dilation) of at most
+    :data:`SLICES_RUN` numbers and at most :data:`SLICES_PIECES` slices; else ``"gather"``."""
     if p.tiles != 1 or p.split >= 0:
         return "gather"
     if math.prod(cfg.window) == 1:
         return "slices"
-    row = ((cfg.window[-1] - 1) * cfg.dilation[-1] + 1) * c_in
+    row = cfg.window[-1] * c_in if cfg.dilation[-1] == 1 else c_in   # the gather's runs
     pieces = math.prod(cfg.window[:-1]) * len(_last_dim_runs(cfg))
-    return ("slices" if cfg.stride[-1] > 1 and row <= SLICES_RUN and pieces <= SLICES_PIECES
-            else "gather")
+    spread = cfg.stride[-1] > 1 or cfg.dilation[-1] > 1
+    return "slices" if spread and row <= SLICES_RUN and pieces <= SLICES_PIECES else "gather"
 
 
 def _fold_bytes(x_shape, k_shape, cfg: WindowConfig, groups: int, out):

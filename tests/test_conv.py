@@ -201,6 +201,8 @@ ENGINE_CASES = {
     "patch as slices, strides and dilation": ((1, 9, 14, 12), (2, 3, 12, 6),
                                               dict(stride=(2, 3), dilation=2), "slices", 1),
     "patch as slices, one tap": ((2, 5, 6, 16), (1, 1, 16, 8), {}, "slices", 1),
+    "patch as slices, kernel dilation (1-D)": ((2, 20, 24), (3, 24, 4),
+                                               dict(dilation=4, padding=3), "slices", 1),
     # Strides in the dims before the last, with a wide window and few channels: a sum of
     # stride-1 correlations of the row phases (_row_phases), each in the folded form.
     "row phases, folded (2-D)": ((2, 20, 21, 16), (7, 7, 16, 8),
