@@ -169,6 +169,9 @@ def test_resnet_shapes_parameter_and_state_counts():
     assert count_params(models.resnet(widths=(8, 8, 8), blocks=2).init(KEY, shape)[1]) > 0
 
 
+# Under -m slow (the default suite must stay under 5 minutes): the ResNet's training is also run
+# by test_training's resume test and by `python -m jaxcnn.check`'s end-to-end section.
+@pytest.mark.slow
 def test_resnet_trains_on_a_small_subset():
     # 64 steps (1,024 embedded digits, batch 32, 2 epochs, Adam 1e-2 with cosine decay,
     # impl="manual"), then eval mode (running averages) on 500 test digits. Measured: 94.6%;

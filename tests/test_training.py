@@ -195,6 +195,9 @@ def test_loss_fn_is_mean_cross_entropy(lenet, small):
     assert float(got) == pytest.approx(want, rel=1e-5)
 
 
+# Under -m slow (the default suite must stay under 5 minutes): the float64 50-step agreement test
+# covers the same two runs more strictly.
+@pytest.mark.slow
 def test_lax_and_manual_runs_give_the_same_first_50_losses(lenet, small):
     """The floor: two runs, --impl lax and --impl manual, same seed: 50 step losses agree to
     1e-4 relative. With SGD + momentum they agree to ~1e-7 (see the next test for Adam)."""
@@ -510,6 +513,9 @@ def test_lax_and_manual_adam_runs_agree_for_50_steps_in_float64(lenet, small):
 # Mixed precision: bfloat16 compute, float32 master params.
 
 
+# Under -m slow (the default suite must stay under 5 minutes): test_half_precision and the
+# bfloat16 training-run test cover bfloat16 in the default run.
+@pytest.mark.slow
 def test_bfloat16_gradients_agree_with_float32(lenet, small):
     """The LeNet-5 loss gradient computed in bfloat16 (both impls, the manual VJPs included)
     comes back float32 and is within bfloat16 tolerance of the float32 gradient, parameter by
