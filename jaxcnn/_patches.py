@@ -410,7 +410,8 @@ def _patch_slices(xp, cfg: WindowConfig, p: Plan, g: _Geometry):
 def _patch_gather(xp, t, j, cfg: WindowConfig, p: Plan, g: _Geometry):
     """:func:`_patch` as one ``lax.gather`` straight from the padded input, whatever the
     number of taps, with the input viewed with its last spatial dim and channels merged
-    (``(N, ..., W · C_in)``, a free reshape). Each gathered slice is a contiguous run: for a window without kernel dilation,
+    (``(N, ..., W · C_in)``, a free reshape). Each gathered slice is a contiguous run: for a
+    window without kernel dilation,
     ``kw · C_in`` numbers per window row, and the rows of the trailing dims without dilation
     are spanned by the slice; taps of dims with dilation are enumerated in the indices. The
     tile's and block's offsets are added to constant start indices. Measured on XLA:CPU: long
@@ -630,8 +631,9 @@ def _row_phase_dims(cfg: WindowConfig):
             and cfg.window[q] > 1]
 
 
-def _row_phase_shapes(x_shape, k_shape, cfg: WindowConfig):
-    """``[(x shape, kernel shape, cfg)]`` of the phases of :func:`_row_phases`."""
+def _row_phase_shapes(x_shape, cfg: WindowConfig):
+    """``[(phase, x shape, cfg)]`` of the phases of :func:`_row_phases` (``phase``: the offset
+    ``r`` per dim of :func:`_row_phase_dims`); a phase's kernel is ``K`` at ``r::s`` there."""
     out, dims = output_spatial(x_shape[1:-1], cfg), _row_phase_dims(cfg)
     shapes = []
     for phase in itertools.product(*(range(min(cfg.stride[q], cfg.window[q])) for q in dims)):
@@ -641,8 +643,8 @@ def _row_phase_shapes(x_shape, k_shape, cfg: WindowConfig):
             window[q] = -(-(cfg.window[q] - r) // cfg.stride[q])
             xs[1 + q] = out[q] + window[q] - 1
             stride[q], padding[q] = 1, (0, 0)
-        shapes.append((tuple(xs), (*window, *k_shape[-2:]),
-                       WindowConfig(tuple(window), tuple(stride), tuple(padding), cfg.dilation)))
+        shapes.append((phase, tuple(xs), WindowConfig(tuple(window), tuple(stride),
+                                                      tuple(padding), cfg.dilation)))
     return shapes
 
 
@@ -654,14 +656,11 @@ def _row_phases(x, cfg: WindowConfig):
     ``ceil((k - r) / s)`` taps. Unlike :func:`_strides_to_phases` no zero taps are added; each
     phase can then run in the folded form. Yields ``(x_r, kernel index, cfg_r)``."""
     dims, out = _row_phase_dims(cfg), output_spatial(x.shape[1:-1], cfg)
-    pads = list(cfg.padding)
-    for q in dims:   # exactly the rows the windows read: s·(out - 1) + k
-        lo = cfg.padding[q][0]
-        pads[q] = (lo, cfg.stride[q] * (out[q] - 1) + cfg.window[q] - x.shape[1 + q] - lo)
-    pads = [pads[q] if q in dims else (0, 0) for q in range(cfg.ndim)]
-    xp = pad(x, tuple(pads))
-    phases = itertools.product(*(range(min(cfg.stride[q], cfg.window[q])) for q in dims))
-    for phase, (xs, _, cq) in zip(phases, _row_phase_shapes(x.shape, (1, 1), cfg)):
+    # Padded to exactly the rows the windows read, s·(out - 1) + k, in the split dims only.
+    xp = pad(x, tuple((cfg.padding[q][0], cfg.stride[q] * (out[q] - 1) + cfg.window[q]
+                       - x.shape[1 + q] - cfg.padding[q][0]) if q in dims else (0, 0)
+                      for q in range(cfg.ndim)))
+    for phase, xs, cq in _row_phase_shapes(x.shape, cfg):
         index = [slice(None)] * (cfg.ndim + 2)
         taps = [slice(None)] * cfg.ndim
         for q, r in zip(dims, phase):
@@ -684,9 +683,9 @@ def _row_phases_pay(x_shape, k_shape, cfg: WindowConfig, groups: int) -> bool:
     rows = math.prod(out)
     im2col = 2 * math.prod(cfg.window) * ci * rows
     total = 0
-    for xs, ks, cq in _row_phase_shapes(x_shape, k_shape, cfg):
-        fold = _fold_bytes(xs, ks, cq, 1, out)
-        own = 2 * math.prod(ks[:-2]) * ci * rows
+    for _, xs, cq in _row_phase_shapes(x_shape, cfg):
+        fold = _fold_bytes(xs, (*cq.window, ci, co), cq, 1, out)
+        own = 2 * math.prod(cq.window) * ci * rows
         total += min(own, fold[1]) if fold is not None else own
         total += 2 * co * rows
     return total < im2col
@@ -850,6 +849,12 @@ def _fold_taps(cfg: WindowConfig):
                                      zip(cfg.window[:-1], cfg.dilation[:-1]))))
 
 
+def _fold_start(offsets, a):
+    """Start of outer tap ``a`` in ``Y`` (or ``dY``), ``(n, *span, w, F, C_out)``: its offset
+    ``a·d`` (row ``a`` of ``offsets``, :func:`_fold_taps`) in the outer dims, slot ``a``."""
+    return _index((0, *(offsets[a, q] for q in range(offsets.shape[1])), 0, a, 0))
+
+
 def _correlate_fold(x, kernel, cfg: WindowConfig, p: Plan, acc):
     """``Z_i = Σ_a Y[i + a·d, a]`` with ``Y = P_row · K_fold``: ``P_row`` holds the last dim's
     window of every input row, ``K_fold[(b, c), (a, o)] = K[a, b, c, o]`` (``a`` the outer
@@ -873,8 +878,7 @@ def _correlate_fold(x, kernel, cfg: WindowConfig, p: Plan, acc):
             offsets = jnp.asarray(_fold_taps(cfg), jnp.int32)
 
             def add(a, zt):
-                start = (0, *(offsets[a, q] for q in range(nd - 1)), 0, a, 0)
-                return zt + lax.dynamic_slice(y, _index(start), size)
+                return zt + lax.dynamic_slice(y, _fold_start(offsets, a), size)
 
             zt = lax.fori_loop(0, f, add, jnp.zeros(size, acc))
         zt = zt.reshape(*size[:-2], co)
@@ -890,7 +894,7 @@ def _kernel_grad_fold(x, dz, k_shape, cfg: WindowConfig, p: Plan, acc):
     """``dK_fold = P_rowᵀ · dY`` with ``dY[h, a] = dZ[h - a·d]`` (zero where that is outside
     ``dZ``): the transpose of :func:`_correlate_fold`'s two steps."""
     xp, row, rp, g, out, span = _fold_setup(x, cfg, p)
-    nd, (ci, co), f = cfg.ndim, k_shape[-2:], math.prod(cfg.window[:-1])
+    (ci, co), f = k_shape[-2:], math.prod(cfg.window[:-1])
     kw = cfg.window[-1]
     dzp = _pad_batch(dz, p.n_tiles * p.n_tile)
 
@@ -905,9 +909,8 @@ def _kernel_grad_fold(x, dz, k_shape, cfg: WindowConfig, p: Plan, acc):
             offsets = jnp.asarray(_fold_taps(cfg), jnp.int32)
 
             def put(a, dy):
-                start = (0, *(offsets[a, q] for q in range(nd - 1)), 0, a, 0)
                 return lax.dynamic_update_slice(dy, dzt[..., None, :].astype(dy.dtype),
-                                                _index(start))
+                                                _fold_start(offsets, a))
 
             dy = lax.fori_loop(0, f, put, jnp.zeros((p.n_tile, *span, out[-1], f, co),
                                                     dzt.dtype))
