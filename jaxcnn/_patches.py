@@ -155,10 +155,11 @@ def plan(x_shape, k_shape, cfg: WindowConfig, groups: int, itemsize: int) -> Pla
       It is chosen when it moves fewer bytes than the patch matrix (:func:`_fold_bytes`):
       the typical narrow layer (3x3, 16 to 64 channels) gathers a third of the numbers, and
       its product gets 3x as many columns.
-    - Strides in the dims before the last: where the row phases of the input fold into
-      fewer numbers moved than the whole window's patch (:func:`_row_phases_pay`),
-      :func:`correlate` and :func:`kernel_grad` run the layer as a sum of stride-1 phases
-      (:func:`_row_phases`), each planned here on its own.
+    - Strides: where the window is a multiple of the stride, or at most the stride
+      (:func:`_phases_pay`), every dim's stride goes into the channels (:func:`_to_depth`);
+      else where the dims before the last, with their strides in the channels, fold into
+      fewer numbers moved than the whole window's patch (:func:`_row_depth_pays`), those do.
+      :func:`correlate` and :func:`kernel_grad` then plan the stride-1 layer that results.
     - Blocks: whole window rows, grouped while the block's width ``taps · C_in/G`` stays
       within :data:`BLOCK_WIDTH` (see :func:`_blocks`). A window that fits is one block.
     - Tiles: one tile (no loop) where the layer's patch is at most
@@ -589,14 +590,11 @@ def correlate(x, kernel, cfg: WindowConfig, groups: int):
     """``Z = X ⋆ K`` (no bias): ``(N, *out, C_out)`` in ``x``'s accumulation dtype."""
     acc = accum_dtype(x.dtype)
     p = plan(x.shape, kernel.shape, cfg, groups, x.dtype.itemsize)
-    if p.product != "elementwise" and _row_phases_pay(x.shape, kernel.shape, cfg, groups):
-        z = None
-        for xq, taps, cq in _row_phases(x, cfg):
-            zq = correlate(xq, kernel[taps], cq, groups)
-            z = zq if z is None else z + zq
-        return z
+    if p.product != "elementwise" and _row_depth_pays(x.shape, kernel.shape, cfg, groups,
+                                                      x.dtype.itemsize):
+        return correlate(*_to_depth(x, kernel, cfg, _row_depth_dims(cfg)), groups)
     if p.product != "elementwise" and _phases_pay(kernel.shape, cfg, groups):
-        x, kernel, cfg = _strides_to_phases(x, kernel, cfg)
+        x, kernel, cfg = _to_depth(x, kernel, cfg, range(cfg.ndim))
         p = plan(x.shape, kernel.shape, cfg, groups, x.dtype.itemsize)
     if p.product == "fold":
         return _correlate_fold(x, kernel, cfg, p, acc)
@@ -624,76 +622,45 @@ def correlate(x, kernel, cfg: WindowConfig, groups: int):
     return z[:x.shape[0], :g.out[0]]
 
 
-def _row_phase_dims(cfg: WindowConfig):
-    """The dims before the last with a stride (and no kernel dilation): the ones
-    :func:`_row_phases` splits."""
+def _row_depth_dims(cfg: WindowConfig):
+    """The dims before the last with a stride (and no kernel dilation): the ones that
+    :func:`_row_depth_pays` would move into the channels."""
     return [q for q in range(cfg.ndim - 1) if cfg.stride[q] > 1 and cfg.dilation[q] == 1
             and cfg.window[q] > 1]
 
 
-def _row_phase_shapes(x_shape, cfg: WindowConfig):
-    """``[(phase, x shape, cfg)]`` of the phases of :func:`_row_phases` (``phase``: the offset
-    ``r`` per dim of :func:`_row_phase_dims`); a phase's kernel is ``K`` at ``r::s`` there."""
-    out, dims = output_spatial(x_shape[1:-1], cfg), _row_phase_dims(cfg)
-    shapes = []
-    for phase in itertools.product(*(range(min(cfg.stride[q], cfg.window[q])) for q in dims)):
-        window, xs, stride, padding = list(cfg.window), list(x_shape), list(cfg.stride), \
-            list(cfg.padding)
-        for q, r in zip(dims, phase):
-            window[q] = -(-(cfg.window[q] - r) // cfg.stride[q])
-            xs[1 + q] = out[q] + window[q] - 1
-            stride[q], padding[q] = 1, (0, 0)
-        shapes.append((phase, tuple(xs), WindowConfig(tuple(window), tuple(stride),
-                                                      tuple(padding), cfg.dilation)))
-    return shapes
+def _row_depth_pays(x_shape, k_shape, cfg: WindowConfig, groups: int, itemsize: int) -> bool:
+    """Whether strides in the dims before the last go into the channels (:func:`_to_depth`
+    on :func:`_row_depth_dims`): where the layer that results, stride 1 there, is planned in
+    the folded form (:func:`plan`, :func:`_fold_bytes`) and moves fewer numbers than the whole window's patch
+    matrix. A 7x7 stride-2 layer with 16 channels in gathers 784 numbers per output position
+    as one patch; with its rows in depth (4 x 7 taps of 32 channels, one row of zero taps) it
+    folds into about half the numbers moved.
 
-
-def _row_phases(x, cfg: WindowConfig):
-    """A correlation with strides in the dims before the last as a sum of correlations with
-    stride 1 there, exactly ("phases"): per such dim with stride ``s`` and window ``k``,
-    tap ``m = a·s + r`` (``0 <= r < s``) reads ``Xpad[i·s + a·s + r] = X_r[i + a]``, with
-    ``X_r = Xpad[r::s]``: ``Z = Σ_r X_r ⋆ K[r::s]``, each a stride-1 correlation with
-    ``ceil((k - r) / s)`` taps. Unlike :func:`_strides_to_phases` no zero taps are added; each
-    phase can then run in the folded form. Yields ``(x_r, kernel index, cfg_r)``."""
-    dims, out = _row_phase_dims(cfg), output_spatial(x.shape[1:-1], cfg)
-    # Padded to exactly the rows the windows read, s·(out - 1) + k, in the split dims only.
-    xp = pad(x, tuple((cfg.padding[q][0], cfg.stride[q] * (out[q] - 1) + cfg.window[q]
-                       - x.shape[1 + q] - cfg.padding[q][0]) if q in dims else (0, 0)
-                      for q in range(cfg.ndim)))
-    for phase, xs, cq in _row_phase_shapes(x.shape, cfg):
-        index = [slice(None)] * (cfg.ndim + 2)
-        taps = [slice(None)] * cfg.ndim
-        for q, r in zip(dims, phase):
-            index[1 + q] = slice(r, r + cfg.stride[q] * (xs[1 + q] - 1) + 1, cfg.stride[q])
-            taps[q] = slice(r, None, cfg.stride[q])
-        yield xp[tuple(index)], tuple(taps), cq
-
-
-def _row_phases_pay(x_shape, k_shape, cfg: WindowConfig, groups: int) -> bool:
-    """Whether :func:`_row_phases` moves fewer numbers than the patch matrix of the whole
-    layer: it pays where a phase runs in the folded form (:func:`_fold_bytes`) and the folds
-    read fewer numbers than the window's taps (wide windows, few channels: a 7x7 stride-2
-    layer with 16 channels in gathers 784 numbers per output position as one patch, about
-    460 as two folded phases). Phases that do not fold count their patch matrix; the phases'
-    outputs are summed (written and read once more each)."""
-    if groups != 1 or cfg.ndim < 2 or not _row_phase_dims(cfg):
+    Measured, manual / lax, one interleaved run, this form vs the plain patch product:
+    forward, forward+backward and first call (compile + run, lax's in brackets): 7x7 16->32
+    s2 at 56x56 1.04 vs 1.08, 0.30 vs 0.37, 0.77 vs 0.93 s (0.30); 7x7 64->64 s2 0.81 vs
+    0.75, 0.26 vs 0.22, 0.76 vs 0.99 s (1.10); 5x5 32->64 s2 0.97 vs 0.92, 0.54 vs 0.54,
+    0.65 vs 0.85 s (0.33); 9x9 24->48 s3 0.91 vs 0.90, 0.68 vs 0.70, 0.55 vs 0.57 s; 11x11
+    3->32 s4 0.20 vs 0.21, 1.26 vs 1.11, 0.52 vs 0.35 s (0.16); 5x5 12->24 s2 1.32 vs 1.32,
+    0.81 vs 0.69, 0.57 vs 0.45 s (0.25). The run times agree within this machine's noise
+    (the numbers moved are not what limits these layers); the first call is shorter on the
+    large windows, where it had failed issue 9's floor, and longer on a few small ones,
+    within the floor. It replaced a sum of stride-1 "row phases" (one folded correlation
+    per phase: the same run times, the first call of 7x7 16->32 s2 1.25 s)."""
+    if groups != 1 or cfg.ndim < 2 or not _row_depth_dims(cfg):
         return False
     out = output_spatial(x_shape[1:-1], cfg)
-    ci, co = k_shape[-2:]
-    rows = math.prod(out)
-    im2col = 2 * math.prod(cfg.window) * ci * rows
-    total = 0
-    for _, xs, cq in _row_phase_shapes(x_shape, cfg):
-        fold = _fold_bytes(xs, (*cq.window, ci, co), cq, 1, out)
-        own = 2 * math.prod(cq.window) * ci * rows
-        total += min(own, fold[1]) if fold is not None else own
-        total += 2 * co * rows
-    return total < im2col
+    xs, ks, cq = _depth_shapes(x_shape, k_shape, cfg, _row_depth_dims(cfg))
+    fold = _fold_bytes(xs, ks, cq, 1, out)
+    im2col = 2 * math.prod(cfg.window) * k_shape[-2] * math.prod(out)
+    return (fold is not None and fold[1] < im2col
+            and plan(xs, ks, cq, 1, itemsize).product == "fold")
 
 
 PHASES_WASTE = 1.0
-"""The most zero multiply-adds (as a factor of the real ones) that :func:`_strides_to_phases`
-may add: none, so it runs where the window is at most the stride or a multiple of it.
+"""The most zero multiply-adds (as a factor of the real ones) that :func:`_to_depth` over every
+dim may add: none, so it runs where the window is at most the stride or a multiple of it.
 Measured forward, manual / lax, patch product with strides vs phases (one interleaved run):
 1x1 64->128 s2 1.16 vs 0.82, 2x2 32->64 s2 0.75 vs 0.74, 3x3 16->32 s4 0.95 vs 0.90; where
 zero taps are added it did not pay: 7x7 16->32 s2 (waste 1.31) 3.23 vs 3.39, 7x7 3->64 s2
@@ -702,8 +669,8 @@ zero taps are added it did not pay: 7x7 16->32 s2 (waste 1.31) 3.23 vs 3.39, 7x7
 
 
 def _phases_pay(k_shape, cfg: WindowConfig, groups: int) -> bool:
-    """Whether :func:`_strides_to_phases` applies (a stride, no dilation, no groups) and adds at
-    most :data:`PHASES_WASTE` zero multiply-adds."""
+    """Whether :func:`_to_depth` over every dim applies (a stride, no dilation, no groups) and
+    adds at most :data:`PHASES_WASTE` zero multiply-adds."""
     if groups != 1 or all(st == 1 for st in cfg.stride) or any(d != 1 for d in cfg.dilation):
         return False
     waste = math.prod(-(-k // st) * st / k if k > st else 1.0
@@ -711,40 +678,96 @@ def _phases_pay(k_shape, cfg: WindowConfig, groups: int) -> bool:
     return waste <= PHASES_WASTE
 
 
-def _strides_to_phases(x, kernel, cfg: WindowConfig):
-    """A strided correlation as one with stride 1 ("space to depth"), exactly.
+def _depth_geometry(cfg: WindowConfig, dims):
+    """Per dim, ``(phases, taps)`` of :func:`_to_depth`: ``(min(k, s), ceil(k / s))`` in
+    ``dims``, ``(1, k)`` elsewhere."""
+    return [(min(k, st), -(-k // st)) if q in dims else (1, k)
+            for q, (k, st) in enumerate(zip(cfg.window, cfg.stride))]
 
-    Per dim with stride ``s`` and window ``k``, write a tap as ``m = a·s + p`` (``0 <= p < s``):
-    ``z_i = Σ_m Xpad[i·s + m] K_m = Σ_a Σ_p X'[i + a, p] K'[a, p]`` with ``X'[j, p] =
-    Xpad[j·s + p]`` (the padded input cut into blocks of ``s``, the phase ``p`` moved into the
-    channels) and ``K'[a, p] = K[a·s + p]`` (zero where ``a·s + p >= k``). So the result is a
-    stride-1 correlation of ``X'`` (``s`` times the channels, ``1/s`` the length) with ``K'``
-    (``ceil(k/s)`` taps); where ``k <= s`` only the first ``k`` phases are kept and ``K'``
-    has one tap (the windows do not overlap: the patch matrix is ``X'`` itself). Its windows
-    are runs of whole blocks, so the gather reads contiguous memory and the folded form
-    applies. Returns ``(x', kernel', cfg')``; the output positions are the same.
+
+def _depth_config(cfg: WindowConfig, dims) -> WindowConfig:
+    """The layer :func:`_to_depth` turns ``cfg`` into: stride 1 and no padding in ``dims``."""
+    geo = _depth_geometry(cfg, dims)
+    return WindowConfig(tuple(t for _, t in geo),
+                        tuple(1 if q in dims else st for q, st in enumerate(cfg.stride)),
+                        tuple((0, 0) if q in dims else pq for q, pq in enumerate(cfg.padding)),
+                        cfg.dilation)
+
+
+def _depth_shapes(x_shape, k_shape, cfg: WindowConfig, dims):
+    """``(x' shape, K' shape, cfg')`` of :func:`_to_depth`, without building them."""
+    out, geo = output_spatial(x_shape[1:-1], cfg), _depth_geometry(cfg, dims)
+    spatial = tuple(out[q] - 1 + t if q in dims else x_shape[1 + q] for q, (_, t) in enumerate(geo))
+    depth = math.prod(ph for ph, _ in geo)
+    return ((x_shape[0], *spatial, depth * x_shape[-1]),
+            (*(t for _, t in geo), depth * k_shape[-2], k_shape[-1]), _depth_config(cfg, dims))
+
+
+def _to_depth(x, kernel, cfg: WindowConfig, dims):
+    """A correlation with strides in ``dims`` as one with stride 1 there ("space to depth"),
+    exactly.
+
+    Per such dim with stride ``s`` and window ``k`` (no kernel dilation), write a tap as
+    ``m = a·s + r`` (``0 <= r < s``): ``z_i = Σ_m Xpad[i·s + m] K_m = Σ_a Σ_r X'[i + a, r]
+    K'[a, r]`` with ``X'[j, r] = Xpad[j·s + r]`` (the padded input cut into blocks of ``s``,
+    the phase ``r`` moved into the channels) and ``K'[a, r] = K[a·s + r]`` (zero where
+    ``a·s + r >= k``). So the result is a stride-1 correlation there of ``X'`` (``s`` times the
+    channels, ``1/s`` the length) with ``K'`` (``ceil(k/s)`` taps); where ``k <= s`` only the
+    first ``k`` phases are kept and ``K'`` has one tap (the windows do not overlap). Its
+    windows are runs of whole blocks, so the gather reads contiguous memory and the folded
+    form applies. The other dims keep their window, stride, padding and dilation. Returns
+    ``(x', K', cfg')``; the output positions are the same. ``kernel`` may be None (then
+    ``K'`` is None): :func:`kernel_grad` maps ``dK'`` back with :func:`_from_depth`.
     """
-    nd = cfg.ndim
+    nd, geo = cfg.ndim, _depth_geometry(cfg, dims)
     out = output_spatial(x.shape[1:-1], cfg)
-    phases = tuple(min(k, st) for k, st in zip(cfg.window, cfg.stride))
-    taps = tuple(-(-k // st) for k, st in zip(cfg.window, cfg.stride))
-    length = tuple((o - 1 + t) * st for o, t, st in zip(out, taps, cfg.stride))
-    xp = pad(x, tuple((lo, want - n - lo) for (lo, _), n, want in
-                      zip(cfg.padding, x.shape[1:-1], length)))
-    n, c = xp.shape[0], xp.shape[-1]
-    blocks = [dim for j, st in zip(length, cfg.stride) for dim in (j // st, st)]
-    xp = xp.reshape(n, *blocks, c)[(slice(None), *(sl for q in phases
-                                                   for sl in (slice(None), slice(0, q))))]
-    order = (0, *range(1, 2 * nd, 2), *range(2, 2 * nd + 1, 2), 2 * nd + 1)
-    xp = xp.transpose(order).reshape(n, *(j // st for j, st in zip(length, cfg.stride)),
-                                     math.prod(phases) * c)
-    ci, co = kernel.shape[-2:]
-    kp = jnp.pad(kernel, [(0, t * st - k if k > st else 0) for k, t, st in
-                          zip(cfg.window, taps, cfg.stride)] + [(0, 0), (0, 0)])
-    kp = kp.reshape(*(dim for t, q in zip(taps, phases) for dim in (t, q)), ci, co)
-    kp = kp.transpose((*range(0, 2 * nd, 2), *range(1, 2 * nd, 2), 2 * nd, 2 * nd + 1))
-    kp = kp.reshape(*taps, math.prod(phases) * ci, co)
-    return xp, kp, WindowConfig(taps, (1,) * nd, ((0, 0),) * nd, (1,) * nd)
+    length = {q: (out[q] - 1 + geo[q][1]) * cfg.stride[q] for q in dims}
+    xp = pad(x, tuple((lo, length[q] - n - lo) if q in dims else (0, 0) for q, ((lo, _), n)
+                      in enumerate(zip(cfg.padding, x.shape[1:-1]))))
+    shape, keep, phase_axes = [xp.shape[0]], [slice(None)], []
+    for q in range(nd):
+        if q in dims:
+            shape += [length[q] // cfg.stride[q], cfg.stride[q]]
+            keep += [slice(None), slice(0, geo[q][0])]
+            phase_axes.append(len(shape) - 1)
+        else:
+            shape.append(xp.shape[1 + q])
+            keep.append(slice(None))
+    xp = xp.reshape(*shape, xp.shape[-1])[(*keep, slice(None))]
+    xp = jnp.moveaxis(xp, phase_axes, range(len(shape) - len(phase_axes), len(shape)))
+    xp = xp.reshape(*xp.shape[:nd + 1], -1)
+    if kernel is None:
+        return xp, None, _depth_config(cfg, dims)
+    kp = jnp.pad(kernel, [(0, t * st - k if q in dims and k > st else 0) for q, ((_, t), k, st)
+                          in enumerate(zip(geo, cfg.window, cfg.stride))] + [(0, 0), (0, 0)])
+    kp = kp.reshape(*(d for q, (ph, t) in enumerate(geo) for d in ((t, ph) if q in dims else (t,))),
+                    *kernel.shape[-2:])
+    k_axes, a = [], 0
+    for q in range(nd):
+        a += 1
+        if q in dims:
+            k_axes.append(a)
+            a += 1
+    kp = jnp.moveaxis(kp, k_axes, range(a - len(k_axes), a))
+    kp = kp.reshape(*kp.shape[:nd], -1, kernel.shape[-1])
+    return xp, kp, _depth_config(cfg, dims)
+
+
+def _from_depth(dk, k_shape, cfg: WindowConfig, dims):
+    """``dK`` from the kernel gradient ``dK'`` of :func:`_to_depth`'s layer: tap ``(a, r)`` of
+    ``K'`` is tap ``a·s + r`` of ``K`` (the zero taps past ``k`` are dropped)."""
+    nd, geo = cfg.ndim, _depth_geometry(cfg, dims)
+    phases = [ph for q, (ph, _) in enumerate(geo) if q in dims]
+    dk = dk.reshape(*dk.shape[:nd], *phases, *k_shape[-2:])
+    order, p = [], nd
+    for q in range(nd):
+        order.append(q)
+        if q in dims:
+            order.append(p)
+            p += 1
+    dk = dk.transpose(*order, nd + len(phases), nd + len(phases) + 1)
+    dk = dk.reshape(*(t * ph for ph, t in geo), *k_shape[-2:])
+    return dk[tuple(slice(0, k) for k in cfg.window)]
 
 
 def _dynamic_index(a, j):
@@ -771,11 +794,12 @@ def kernel_grad(x, dz, k_shape, cfg: WindowConfig, groups: int):
     acc = accum_dtype(x.dtype)
     # The kernel gradient always gathers its patch (see SLICES_PIECES).
     p = plan(x.shape, k_shape, cfg, groups, x.dtype.itemsize)._replace(patch="gather")
-    if p.product != "elementwise" and _row_phases_pay(x.shape, k_shape, cfg, groups):
-        dk = jnp.zeros(k_shape, acc)
-        for xq, taps, cq in _row_phases(x, cfg):
-            dk = dk.at[taps].set(kernel_grad(xq, dz, dk[taps].shape, cq, groups))
-        return dk
+    if p.product != "elementwise" and _row_depth_pays(x.shape, k_shape, cfg, groups,
+                                                      x.dtype.itemsize):
+        dims = _row_depth_dims(cfg)
+        xq, _, cq = _to_depth(x, None, cfg, dims)
+        kq_shape = _depth_shapes(x.shape, k_shape, cfg, dims)[1]
+        return _from_depth(kernel_grad(xq, dz, kq_shape, cq, groups), k_shape, cfg, dims)
     if p.product == "fold":
         return _kernel_grad_fold(x, dz, k_shape, cfg, p, acc)
     g = _geometry(x.shape, cfg, p)

@@ -203,15 +203,16 @@ ENGINE_CASES = {
     "patch as slices, one tap": ((2, 5, 6, 16), (1, 1, 16, 8), {}, "slices", 1),
     "patch as slices, kernel dilation (1-D)": ((2, 20, 24), (3, 24, 4),
                                                dict(dilation=4, padding=3), "slices", 1),
-    # Strides in the dims before the last, with a wide window and few channels: a sum of
-    # stride-1 correlations of the row phases (_row_phases), each in the folded form.
-    "row phases, folded (2-D)": ((2, 20, 21, 16), (7, 7, 16, 8),
-                                 dict(stride=(3, 2), padding=((3, 1), (2, 2))), "row phases", 1),
-    "row phases, folded (3-D, last-dim dilation)": ((2, 9, 10, 11, 16), (5, 3, 3, 16, 8),
-                                                    dict(stride=(2, 3, 1), dilation=(1, 1, 2)),
-                                                    "row phases", 1),
-    # A stride at least the window, or dividing it, runs as a stride-1 correlation of the
-    # phases (_strides_to_phases): windows of 2 and 4 with stride 2, of 3 with stride 4.
+    # Strides in the dims before the last, with a wide window and few channels: those strides
+    # go into the channels (_to_depth on _row_depth_dims) and the stride-1 layer folds.
+    "row depth, folded (2-D)": ((3, 12, 11, 6), (7, 5, 6, 4),
+                                dict(stride=(3, 2), padding=((3, 1), (2, 2))), "row depth", 1),
+    "row depth, folded (3-D, last-dim dilation)": ((3, 7, 8, 9, 4), (5, 3, 3, 4, 4),
+                                                   dict(stride=(2, 3, 1), dilation=(1, 1, 2)),
+                                                   "row depth", 1),
+    # A stride at least the window, or dividing it, runs as a stride-1 correlation with every
+    # dim's stride in the channels (_to_depth): windows of 2 and 4 with stride 2, of 3 with
+    # stride 4.
     "stride as phases (2-D)": ((2, 13, 12, 12), (2, 4, 12, 10),
                                dict(stride=2, padding=((1, 0), (0, 3))), "phases", 1),
     "stride as phases (1-D, window below the stride)": ((3, 22, 24), (3, 24, 9),
@@ -244,6 +245,32 @@ def test_folded_form_with_its_outer_taps_in_a_loop(name, monkeypatch):
     _check_engine_case(name)
 
 
+# Strides moved into the channels (_to_depth) in the outer dims wherever the layer allows it,
+# whether or not the cost model would: windows below, equal to and above the stride, uneven
+# padding, a stride-1 dim between strided ones, a dilated last dim; the layer that results
+# folds or not.
+ROW_DEPTH_CASES = [
+    ((2, 13, 11, 3), (7, 7, 3, 5), dict(stride=2, padding="SAME")),
+    ((2, 15, 9, 2), (5, 3, 2, 3), dict(stride=(3, 2), padding=((1, 2), (0, 1)))),
+    ((2, 11, 11, 3), (2, 3, 3, 4), dict(stride=(3, 1))),
+    ((1, 9, 10, 8, 3), (3, 5, 2, 3, 4), dict(stride=(2, 1, 3), dilation=(1, 1, 2))),
+    ((2, 14, 14, 3), (4, 4, 3, 5), dict(stride=(4, 2), padding="SAME")),
+]
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("case", range(len(ROW_DEPTH_CASES)))
+def test_outer_strides_in_depth_wherever_they_apply(case, monkeypatch):
+    from jaxcnn import _patches
+
+    x_shape, k_shape, options = ROW_DEPTH_CASES[case]
+    monkeypatch.setattr(_patches, "_row_depth_pays", lambda x_shape, k_shape, cfg, groups, itemsize:
+                        groups == 1 and bool(_patches._row_depth_dims(cfg)))
+    rng = np.random.default_rng(case)
+    x, k = rng.normal(size=x_shape), rng.normal(size=k_shape)
+    compare_impls(lambda x, k, impl: jc.conv(x, k, impl=impl, **options), (x, k), "float64")
+
+
 def _check_engine_case(name):
     from jaxcnn import _patches
     from jaxcnn.convolution import _conv_input_grad
@@ -254,9 +281,11 @@ def _check_engine_case(name):
                               padding=options.get("padding", "VALID"),
                               dilation=options.get("dilation", 1), groups=groups)
     plan = _patches.plan(x_shape, k_shape, cfg, groups, 8)
-    if product == "row phases":
-        assert plan.product != "elementwise" and _patches._row_phases_pay(x_shape, k_shape, cfg,
-                                                                           groups)
+    if product == "row depth":
+        assert plan.product != "elementwise" and _patches._row_depth_pays(x_shape, k_shape, cfg,
+                                                                           groups, 8)
+        xs, ks, cq = _patches._depth_shapes(x_shape, k_shape, cfg, _patches._row_depth_dims(cfg))
+        assert _patches.plan(xs, ks, cq, groups, 8).product == "fold"
     elif product == "phases":
         assert plan.product != "elementwise" and _patches._phases_pay(k_shape, cfg, groups)
     elif product == "slices":
