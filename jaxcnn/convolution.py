@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _patches, _shapes, _windows, padding as _padding
+from . import _patches, _shapes, _windows, _xla_cpu, padding as _padding
 from ._shapes import WindowConfig
 
 
@@ -153,14 +153,17 @@ def _conv_bwd(cfg: WindowConfig, groups: int, res, dz):
       ``m' = k - 1 - m`` and ``p = j + m' d - (k_eff - 1)`` shows that both orders sum
       ``dZ_i K_mᵀ`` over the same pairs for every ``p``; the tests check both at every stride.
 
-    Each product accumulates in float32 for half precision and is rounded once.
+    Each product accumulates in float32 for half precision and is rounded once. ``dX`` starts
+    after ``dK`` is done (:func:`jaxcnn._xla_cpu.after`: on CPU the two ran side by side and
+    slowed each other down more than twofold).
     """
     x, kernel, has_bias = res
     dk = _patches.kernel_grad(x, dz, kernel.shape, cfg, groups)
     db = None
     if has_bias:
         db = jnp.sum(dz, axis=tuple(range(dz.ndim - 1)), dtype=_windows.accum_dtype(dz.dtype))
-    dx = _conv_input_grad(dz, kernel, x.shape, cfg, groups)
+    dx = _xla_cpu.after(dk, lambda dz, kernel: _conv_input_grad(dz, kernel, x.shape, cfg,
+                                                                 groups), dz, kernel)
     return dx.astype(x.dtype), dk.astype(kernel.dtype), None if db is None else db.astype(dz.dtype)
 
 
@@ -316,14 +319,17 @@ def _conv_transpose_bwd(cfg: WindowConfig, groups: int, x_shape, res, dx):
     - ``dK = dX ⋆ Y``: conv's kernel gradient with ``X := dX`` and ``dZ := Y``
       (``dK_m = Σ_i dXpad[i * s + m * d] · Y_iᵀ``; :func:`jaxcnn._patches.kernel_grad`).
     - ``dB = Σ_{n,p} dX[n, p]``.
+
+    ``dY`` starts after ``dK`` is done, as in :func:`_conv_bwd`.
     """
     y, kernel, has_bias = res
     extra = _shapes.transpose_extra_rows(y.shape, x_shape, cfg)
-    dy = _conv_manual_forward(dx, kernel, None, cfg, groups)
+    dk = _patches.kernel_grad(dx, _windows.pad(y, tuple((0, e) for e in extra)), kernel.shape,
+                              cfg, groups)
+    dy = _xla_cpu.after(dk, lambda dx, kernel: _conv_manual_forward(dx, kernel, None, cfg,
+                                                                     groups), dx, kernel)
     if any(extra):
         dy = dy[(slice(None), *(slice(0, n) for n in y.shape[1:-1]))]
-        y = _windows.pad(y, tuple((0, e) for e in extra))
-    dk = _patches.kernel_grad(dx, y, kernel.shape, cfg, groups)
     db = None
     if has_bias:
         db = jnp.sum(dx, axis=tuple(range(dx.ndim - 1)), dtype=_windows.accum_dtype(dx.dtype))

@@ -308,6 +308,19 @@ def _check_engine_case(name):
     assert_close(dx_scatter, dx_ref, "float64", "dX, scatter order")
 
 
+@pytest.mark.parametrize("token", [np.float32(np.nan), np.float32(-np.inf), np.float32(2.0)])
+def test_a_product_ordered_after_another_still_runs(token, monkeypatch):
+    """_xla_cpu.after only orders: whatever the token holds (NaN, inf), the op runs and its
+    result comes back, inside jit and under grad."""
+    from jaxcnn import _xla_cpu
+    monkeypatch.setattr(_xla_cpu, "ENABLED", True)
+    x = np.arange(6, dtype=np.float32)
+    f = jax.jit(lambda t, x: _xla_cpu.after(t, lambda x: jnp.sin(x) * 3, x))
+    assert_close(f(np.full(4, token), x), np.sin(x) * 3, "float32", "after")
+    g = jax.grad(lambda x: jnp.sum(f(np.full(2, token), x)))(x)
+    assert_close(g, np.cos(x) * 3, "float32", "grad of after")
+
+
 def test_manual_conv_uses_no_lax_convolution_and_goes_through_the_custom_vjp():
     """The manual path computes with gathers, pads, slices and matrix products only, and its
     gradient is the registered custom VJP (not JAX's autodiff of the forward)."""
