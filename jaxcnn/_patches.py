@@ -138,7 +138,8 @@ class Plan(NamedTuple):
         return self.n_tiles * self.r_tiles
 
 
-def plan(x_shape, k_shape, cfg: WindowConfig, groups: int, itemsize: int) -> Plan:
+def plan(x_shape, k_shape, cfg: WindowConfig, groups: int, itemsize: int, *,
+         fold: bool = True) -> Plan:
     """Choose tiles, blocks and the product kind from the shapes (the cost model).
 
     - Product: per group the layer is a product with contraction ``taps · C_in/G`` and width
@@ -147,19 +148,20 @@ def plan(x_shape, k_shape, cfg: WindowConfig, groups: int, itemsize: int) -> Pla
       per group, :data:`MATMUL_MIN_WIDTH`) runs as broadcast multiply-adds of strided
       slices of the input (no patch, no tiles: XLA fuses the terms of a block into one loop
       over the output); the others as a matrix product on the patch matrix.
-    - Folded form (``product="fold"``, :func:`_correlate_fold`): where every stride but the
-      last dim's is 1 and there are no groups, the taps of the outer dims can move from the
-      patch into the product's columns. The patch then holds one window row per *input* row
-      (``kw · C_in`` numbers), the product ``Y = P_row · K_fold`` has ``F · C_out`` columns
-      (``F`` taps of the outer dims), and ``Z`` is the sum of ``F`` shifted slices of ``Y``.
-      It is chosen when it moves fewer bytes than the patch matrix (:func:`_fold_bytes`):
-      the typical narrow layer (3x3, 16 to 64 channels) gathers a third of the numbers, and
-      its product gets 3x as many columns.
+    - Folded form (``product="fold"``, :func:`_correlate_fold`): without groups, the taps of
+      the dims before the last can move from the patch into the product's columns. The patch
+      then holds one window row per *input* row (``kw · C_in`` numbers), the product
+      ``Y = P_row · K_fold`` has ``F · C_out`` columns (``F`` taps of the outer dims), and
+      ``Z`` is the sum of ``F`` shifted slices of ``Y``. An outer dim with a stride ``s`` is
+      cut into blocks of ``s`` rows and a patch row holds a block's first ``min(k, s)`` rows
+      (:func:`_fold_dims`), so every row of ``Y`` is used. It is chosen when it moves fewer
+      bytes than the patch matrix (:func:`_fold_bytes`): the typical narrow layer (3x3, 16
+      to 64 channels) gathers a third of the numbers, and its product gets 3x as many
+      columns; a 7x7 stride-2 layer with 16 channels in gathers 784 numbers per output
+      position as one patch, about half of that folded.
     - Strides: where the window is a multiple of the stride, or at most the stride
-      (:func:`_phases_pay`), every dim's stride goes into the channels (:func:`_to_depth`);
-      else where the dims before the last, with their strides in the channels, fold into
-      fewer numbers moved than the whole window's patch (:func:`_row_depth_pays`), those do.
-      :func:`correlate` and :func:`kernel_grad` then plan the stride-1 layer that results.
+      (:func:`_phases_pay`), :func:`correlate` moves every dim's stride into the channels
+      (:func:`_to_depth`) and plans the stride-1 layer that results.
     - Blocks: whole window rows, grouped while the block's width ``taps · C_in/G`` stays
       within :data:`BLOCK_WIDTH` (see :func:`_blocks`). A window that fits is one block.
     - Tiles: one tile (no loop) where the layer's patch is at most
@@ -176,7 +178,7 @@ def plan(x_shape, k_shape, cfg: WindowConfig, groups: int, itemsize: int) -> Pla
             or (groups > 1 and c_in < MATMUL_MIN_WIDTH)):
         split, chunk, n_chunks = _blocks(window, c_in, ELEMENTWISE_TERMS, ELEMENTWISE_TERMS)
         return Plan(n, 1, out[0], 1, split, chunk, n_chunks, "elementwise")
-    fold = _fold_bytes(x_shape, k_shape, cfg, groups, out)
+    fold = _fold_bytes(x_shape, k_shape, cfg, groups, out) if fold else None
     if fold is not None and fold[1] < fold[0]:
         per_image, fold_budget = fold[2] * itemsize, _xla_cpu.tile_bytes(folded=True)
         if fold_budget is None or per_image <= fold_budget:
@@ -214,22 +216,39 @@ def _patch_kind(cfg: WindowConfig, c_in: int, p: Plan) -> str:
     return "slices" if spread and row <= SLICES_RUN and pieces <= SLICES_PIECES else "gather"
 
 
+def _fold_dims(cfg: WindowConfig):
+    """Per dim before the last, ``(w, t, step)`` of the folded form: the window rows ``w`` that
+    one row of the patch holds, the taps ``t`` that go into the product's columns, and the
+    step between taps in ``Y``'s rows. Without a stride, ``(1, k, d)``: every input row is a
+    row of ``Y``. With a stride ``s`` (and no dilation) the rows are cut into blocks of ``s``
+    and a patch row holds the first ``w = min(k, s)`` rows of a block: tap ``m = a·s + r``
+    of the window is row ``r`` of block ``i + a`` for output ``i`` (``t = ceil(k / s)``,
+    ``step = 1``), the taps past ``k`` being zeros in the kernel ("space to depth" without
+    moving the input: the gather reads the block's rows in place)."""
+    return [(min(k, st), -(-k // st), 1) if st > 1 else (1, k, d)
+            for k, st, d in zip(cfg.window[:-1], cfg.stride[:-1], cfg.dilation[:-1])]
+
+
 def _fold_bytes(x_shape, k_shape, cfg: WindowConfig, groups: int, out):
     """``(im2col, fold, fold per image)``: numbers moved per image by the patch-matrix form
     (the patch written and read) and by the folded form (window rows written and read, ``Y``
-    written and read, ``Z`` written), or None where the folded form does not apply."""
+    written and read, ``Z`` written), or None where the folded form does not apply (groups,
+    a stride with a kernel dilation in a dim before the last, one outer tap, rows or ``Y``
+    too wide)."""
     nd, window = cfg.ndim, cfg.window
     ci, co = k_shape[-2], k_shape[-1]
-    f, kw = math.prod(window[:-1]), window[-1]
-    if (nd < 2 or groups != 1 or any(s != 1 for s in cfg.stride[:-1]) or f < 2
-            or kw * ci > ROW_WIDTH or f * co > FOLD_WIDTH):
+    if nd < 2 or groups != 1 or any(st > 1 and d > 1 for st, d in
+                                    zip(cfg.stride[:-1], cfg.dilation[:-1])):
+        return None
+    dims = _fold_dims(cfg)
+    f, row = math.prod(t for _, t, _ in dims), math.prod(w for w, _, _ in dims) * window[-1] * ci
+    if f < 2 or row > ROW_WIDTH or f * co > FOLD_WIDTH:
         return None
     rows_out = math.prod(out[:-1]) * out[-1]
-    rows_in = math.prod(o + (k - 1) * d for o, k, d in
-                        zip(out[:-1], window[:-1], cfg.dilation[:-1])) * out[-1]
+    rows_in = math.prod(o + (t - 1) * step for o, (_, t, step) in zip(out[:-1], dims)) * out[-1]
     im2col = 2 * math.prod(window) * ci * rows_out
-    fold = (2 * kw * ci + 2 * f * co) * rows_in + co * rows_out
-    return im2col, fold, (kw * ci + f * co) * rows_in
+    fold = (2 * row + 2 * f * co) * rows_in + co * rows_out
+    return im2col, fold, (row + f * co) * rows_in
 
 
 def _blocks(window, c_in, block_width, row_width):
@@ -590,9 +609,6 @@ def correlate(x, kernel, cfg: WindowConfig, groups: int):
     """``Z = X ⋆ K`` (no bias): ``(N, *out, C_out)`` in ``x``'s accumulation dtype."""
     acc = accum_dtype(x.dtype)
     p = plan(x.shape, kernel.shape, cfg, groups, x.dtype.itemsize)
-    if p.product != "elementwise" and _row_depth_pays(x.shape, kernel.shape, cfg, groups,
-                                                      x.dtype.itemsize):
-        return correlate(*_to_depth(x, kernel, cfg, _row_depth_dims(cfg)), groups)
     if p.product != "elementwise" and _phases_pay(kernel.shape, cfg, groups):
         x, kernel, cfg = _to_depth(x, kernel, cfg, range(cfg.ndim))
         p = plan(x.shape, kernel.shape, cfg, groups, x.dtype.itemsize)
@@ -620,42 +636,6 @@ def correlate(x, kernel, cfg: WindowConfig, groups: int):
                                              *g.out[1:], co), acc)
     z = _loop(p.tiles, tile, z)
     return z[:x.shape[0], :g.out[0]]
-
-
-def _row_depth_dims(cfg: WindowConfig):
-    """The dims before the last with a stride (and no kernel dilation): the ones that
-    :func:`_row_depth_pays` would move into the channels."""
-    return [q for q in range(cfg.ndim - 1) if cfg.stride[q] > 1 and cfg.dilation[q] == 1
-            and cfg.window[q] > 1]
-
-
-def _row_depth_pays(x_shape, k_shape, cfg: WindowConfig, groups: int, itemsize: int) -> bool:
-    """Whether strides in the dims before the last go into the channels (:func:`_to_depth`
-    on :func:`_row_depth_dims`): where the layer that results, stride 1 there, is planned in
-    the folded form (:func:`plan`, :func:`_fold_bytes`) and moves fewer numbers than the whole window's patch
-    matrix. A 7x7 stride-2 layer with 16 channels in gathers 784 numbers per output position
-    as one patch; with its rows in depth (4 x 7 taps of 32 channels, one row of zero taps) it
-    folds into about half the numbers moved.
-
-    Measured, manual / lax, one interleaved run, this form vs the plain patch product:
-    forward, forward+backward and first call (compile + run, lax's in brackets): 7x7 16->32
-    s2 at 56x56 1.04 vs 1.08, 0.30 vs 0.37, 0.77 vs 0.93 s (0.30); 7x7 64->64 s2 0.81 vs
-    0.75, 0.26 vs 0.22, 0.76 vs 0.99 s (1.10); 5x5 32->64 s2 0.97 vs 0.92, 0.54 vs 0.54,
-    0.65 vs 0.85 s (0.33); 9x9 24->48 s3 0.91 vs 0.90, 0.68 vs 0.70, 0.55 vs 0.57 s; 11x11
-    3->32 s4 0.20 vs 0.21, 1.26 vs 1.11, 0.52 vs 0.35 s (0.16); 5x5 12->24 s2 1.32 vs 1.32,
-    0.81 vs 0.69, 0.57 vs 0.45 s (0.25). The run times agree within this machine's noise
-    (the numbers moved are not what limits these layers); the first call is shorter on the
-    large windows, where it had failed issue 9's floor, and longer on a few small ones,
-    within the floor. It replaced a sum of stride-1 "row phases" (one folded correlation
-    per phase: the same run times, the first call of 7x7 16->32 s2 1.25 s)."""
-    if groups != 1 or cfg.ndim < 2 or not _row_depth_dims(cfg):
-        return False
-    out = output_spatial(x_shape[1:-1], cfg)
-    xs, ks, cq = _depth_shapes(x_shape, k_shape, cfg, _row_depth_dims(cfg))
-    fold = _fold_bytes(xs, ks, cq, 1, out)
-    im2col = 2 * math.prod(cfg.window) * k_shape[-2] * math.prod(out)
-    return (fold is not None and fold[1] < im2col
-            and plan(xs, ks, cq, 1, itemsize).product == "fold")
 
 
 PHASES_WASTE = 1.0
@@ -694,15 +674,6 @@ def _depth_config(cfg: WindowConfig, dims) -> WindowConfig:
                         cfg.dilation)
 
 
-def _depth_shapes(x_shape, k_shape, cfg: WindowConfig, dims):
-    """``(x' shape, K' shape, cfg')`` of :func:`_to_depth`, without building them."""
-    out, geo = output_spatial(x_shape[1:-1], cfg), _depth_geometry(cfg, dims)
-    spatial = tuple(out[q] - 1 + t if q in dims else x_shape[1 + q] for q, (_, t) in enumerate(geo))
-    depth = math.prod(ph for ph, _ in geo)
-    return ((x_shape[0], *spatial, depth * x_shape[-1]),
-            (*(t for _, t in geo), depth * k_shape[-2], k_shape[-1]), _depth_config(cfg, dims))
-
-
 def _to_depth(x, kernel, cfg: WindowConfig, dims):
     """A correlation with strides in ``dims`` as one with stride 1 there ("space to depth"),
     exactly.
@@ -716,8 +687,7 @@ def _to_depth(x, kernel, cfg: WindowConfig, dims):
     first ``k`` phases are kept and ``K'`` has one tap (the windows do not overlap). Its
     windows are runs of whole blocks, so the gather reads contiguous memory and the folded
     form applies. The other dims keep their window, stride, padding and dilation. Returns
-    ``(x', K', cfg')``; the output positions are the same. ``kernel`` may be None (then
-    ``K'`` is None): :func:`kernel_grad` maps ``dK'`` back with :func:`_from_depth`.
+    ``(x', K', cfg')``; the output positions are the same.
     """
     nd, geo = cfg.ndim, _depth_geometry(cfg, dims)
     out = output_spatial(x.shape[1:-1], cfg)
@@ -736,8 +706,6 @@ def _to_depth(x, kernel, cfg: WindowConfig, dims):
     xp = xp.reshape(*shape, xp.shape[-1])[(*keep, slice(None))]
     xp = jnp.moveaxis(xp, phase_axes, range(len(shape) - len(phase_axes), len(shape)))
     xp = xp.reshape(*xp.shape[:nd + 1], -1)
-    if kernel is None:
-        return xp, None, _depth_config(cfg, dims)
     kp = jnp.pad(kernel, [(0, t * st - k if q in dims and k > st else 0) for q, ((_, t), k, st)
                           in enumerate(zip(geo, cfg.window, cfg.stride))] + [(0, 0), (0, 0)])
     kp = kp.reshape(*(d for q, (ph, t) in enumerate(geo) for d in ((t, ph) if q in dims else (t,))),
@@ -751,23 +719,6 @@ def _to_depth(x, kernel, cfg: WindowConfig, dims):
     kp = jnp.moveaxis(kp, k_axes, range(a - len(k_axes), a))
     kp = kp.reshape(*kp.shape[:nd], -1, kernel.shape[-1])
     return xp, kp, _depth_config(cfg, dims)
-
-
-def _from_depth(dk, k_shape, cfg: WindowConfig, dims):
-    """``dK`` from the kernel gradient ``dK'`` of :func:`_to_depth`'s layer: tap ``(a, r)`` of
-    ``K'`` is tap ``a·s + r`` of ``K`` (the zero taps past ``k`` are dropped)."""
-    nd, geo = cfg.ndim, _depth_geometry(cfg, dims)
-    phases = [ph for q, (ph, _) in enumerate(geo) if q in dims]
-    dk = dk.reshape(*dk.shape[:nd], *phases, *k_shape[-2:])
-    order, p = [], nd
-    for q in range(nd):
-        order.append(q)
-        if q in dims:
-            order.append(p)
-            p += 1
-    dk = dk.transpose(*order, nd + len(phases), nd + len(phases) + 1)
-    dk = dk.reshape(*(t * ph for ph, t in geo), *k_shape[-2:])
-    return dk[tuple(slice(0, k) for k in cfg.window)]
 
 
 def _dynamic_index(a, j):
@@ -794,12 +745,6 @@ def kernel_grad(x, dz, k_shape, cfg: WindowConfig, groups: int):
     acc = accum_dtype(x.dtype)
     # The kernel gradient always gathers its patch (see SLICES_PIECES).
     p = plan(x.shape, k_shape, cfg, groups, x.dtype.itemsize)._replace(patch="gather")
-    if p.product != "elementwise" and _row_depth_pays(x.shape, k_shape, cfg, groups,
-                                                      x.dtype.itemsize):
-        dims = _row_depth_dims(cfg)
-        xq, _, cq = _to_depth(x, None, cfg, dims)
-        kq_shape = _depth_shapes(x.shape, k_shape, cfg, dims)[1]
-        return _from_depth(kernel_grad(xq, dz, kq_shape, cq, groups), k_shape, cfg, dims)
     if p.product == "fold":
         return _kernel_grad_fold(x, dz, k_shape, cfg, p, acc)
     g = _geometry(x.shape, cfg, p)
@@ -822,7 +767,10 @@ def kernel_grad(x, dz, k_shape, cfg: WindowConfig, groups: int):
 def input_grad(dz, kernel, x_shape, cfg: WindowConfig, groups: int):
     """``dX = col2im(dZ · Kᵀ)`` in ``dz``'s accumulation dtype, shaped ``x_shape``."""
     acc = accum_dtype(dz.dtype)
-    p = plan(x_shape, kernel.shape, cfg, groups, np.dtype(dz.dtype).itemsize)
+    # The folded form has no input gradient of its own: the product runs on the patch
+    # matrix's tiles (as before the folded form took strided outer dims).
+    p = plan(x_shape, kernel.shape, cfg, groups, np.dtype(dz.dtype).itemsize,
+             fold=all(st == 1 for st in cfg.stride[:-1]))
     g = _geometry(x_shape, cfg, p)
     kb, dzp = _kernel_blocks(kernel, cfg, p, g, groups), _pad_dz(dz, p)
     ci, n_blocks = x_shape[-1], _n_blocks(cfg, p)
@@ -850,27 +798,53 @@ def input_grad(dz, kernel, x_shape, cfg: WindowConfig, groups: int):
 
 
 def _fold_setup(x, cfg: WindowConfig, p: Plan):
-    """The padded input and the row patch's geometry: a 1 x ... x 1 x kw window, stride 1 in
-    the outer dims (every input row), the layer's stride and dilation in the last."""
-    nd, out = cfg.ndim, output_spatial(x.shape[1:-1], cfg)
-    span = tuple(o + (k - 1) * d for o, k, d in zip(out[:-1], cfg.window[:-1], cfg.dilation[:-1]))
-    row = WindowConfig((1,) * (nd - 1) + cfg.window[-1:], (1,) * (nd - 1) + cfg.stride[-1:],
+    """The padded input and the row patch's geometry: per dim before the last a window of
+    ``w`` rows with the layer's stride (:func:`_fold_dims`; one row, stride 1, where the layer
+    has no stride there), the layer's window, stride and dilation in the last."""
+    nd, out, dims = cfg.ndim, output_spatial(x.shape[1:-1], cfg), _fold_dims(cfg)
+    span = tuple(o + (t - 1) * step for o, (_, t, step) in zip(out[:-1], dims))
+    row = WindowConfig((*(w for w, _, _ in dims), cfg.window[-1]), cfg.stride,
                        ((0, 0),) * nd, (1,) * (nd - 1) + cfg.dilation[-1:])
     rp = Plan(p.n_tile, p.n_tiles, span[0], 1, -1, 1, 1, "matmul")
     rows = (*span, out[-1])
     width = (out[-1] - 1) * cfg.stride[-1] + (cfg.window[-1] - 1) * cfg.dilation[-1] + 1
-    g = _Geometry(rows, row.window, row.window, (p.n_tile, *rows), (*span, width), None)
-    xp = pad(x, tuple((lo, hi + need - (n + lo + hi)) if q < nd - 1 else (lo, max(hi, width - n - lo))
-                      for q, ((lo, hi), n, need) in enumerate(zip(cfg.padding, x.shape[1:-1],
-                                                                  (*span, width)))))
-    xp = xp[(slice(None), *(slice(0, v) for v in span), slice(None), slice(None))]
+    need = (*((v - 1) * st + w for v, st, (w, _, _) in zip(span, cfg.stride, dims)), width)
+    g = _Geometry(rows, row.window, row.window, (p.n_tile, *rows), need, None)
+    xp = pad(x, tuple((lo, v - n - lo) if q < nd - 1 else (lo, max(hi, v - n - lo))
+                      for q, ((lo, hi), n, v) in enumerate(zip(cfg.padding, x.shape[1:-1],
+                                                               need))))
     return _pad_batch(xp, p.n_tiles * p.n_tile), row, rp, g, out, span
 
 
 def _fold_taps(cfg: WindowConfig):
-    """Offsets ``a * d`` of the outer dims' taps, row-major (the order of ``K``'s rows)."""
-    return list(itertools.product(*(range(0, k * d, d) for k, d in
-                                     zip(cfg.window[:-1], cfg.dilation[:-1]))))
+    """Offsets ``a · step`` in ``Y``'s rows of the outer dims' taps, row-major (the order of
+    ``K_fold``'s column blocks, :func:`_fold_kernel`)."""
+    return list(itertools.product(*(range(0, t * step, step) for _, t, step in _fold_dims(cfg))))
+
+
+def _fold_kernel(kernel, cfg: WindowConfig):
+    """``K_fold[(r, b, c), (a, o)] = K[a·s + r, b, c, o]`` (per dim before the last, ``a < t``
+    and ``r < w`` of :func:`_fold_dims`; zero where ``a·s + r`` is past the window; ``b`` the
+    last dim's tap): ``(W · kw · C_in, F · C_out)``."""
+    nd, dims, (ci, co) = cfg.ndim, _fold_dims(cfg), kernel.shape[-2:]
+    k = jnp.pad(kernel, [(0, t * w - kq) for (w, t, _), kq in zip(dims, cfg.window)]
+                + [(0, 0)] * 3)
+    k = k.reshape(*(v for w, t, _ in dims for v in (t, w)), cfg.window[-1], ci, co)
+    k = k.transpose(*range(0, 2 * nd - 2, 2), *range(1, 2 * nd - 2, 2), *range(2 * nd - 2, 2 * nd + 1))
+    f = math.prod(t for _, t, _ in dims)
+    return jnp.moveaxis(k.reshape(f, -1, co), 0, 1).reshape(-1, f * co)
+
+
+def _unfold_kernel(dk_fold, k_shape, cfg: WindowConfig):
+    """Inverse of :func:`_fold_kernel` (the zero taps past the window dropped)."""
+    nd, dims, (ci, co) = len(k_shape) - 2, _fold_dims(cfg), k_shape[-2:]
+    f = math.prod(t for _, t, _ in dims)
+    k = jnp.moveaxis(dk_fold.reshape(-1, f, co), 1, 0)
+    k = k.reshape(*(t for _, t, _ in dims), *(w for w, _, _ in dims), k_shape[-3], ci, co)
+    order = [v for q in range(nd - 1) for v in (q, nd - 1 + q)]
+    k = k.transpose(*order, *range(2 * nd - 2, 2 * nd + 1))
+    k = k.reshape(*(t * w for w, t, _ in dims), *k_shape[-3:])
+    return k[tuple(slice(0, kq) for kq in k_shape[:-3])]
 
 
 def _fold_start(offsets, a):
@@ -880,13 +854,14 @@ def _fold_start(offsets, a):
 
 
 def _correlate_fold(x, kernel, cfg: WindowConfig, p: Plan, acc):
-    """``Z_i = Σ_a Y[i + a·d, a]`` with ``Y = P_row · K_fold``: ``P_row`` holds the last dim's
-    window of every input row, ``K_fold[(b, c), (a, o)] = K[a, b, c, o]`` (``a`` the outer
-    taps, ``b`` the last dim's); the same sum as ``P · K``, grouped by rows."""
+    """``Z_i = Σ_a Y[i + a·step, a]`` with ``Y = P_row · K_fold`` (:func:`_fold_kernel`):
+    ``P_row`` holds, per row of ``Y`` (an input row, or a block of ``s`` rows where the layer
+    has a stride ``s`` there; :func:`_fold_dims`), those rows' window along the last dim
+    (``a`` the outer taps, ``b`` the last dim's); the same sum as ``P · K``, grouped by
+    rows."""
     xp, row, rp, g, out, span = _fold_setup(x, cfg, p)
-    nd, (ci, co), f = cfg.ndim, kernel.shape[-2:], math.prod(cfg.window[:-1])
-    kw = cfg.window[-1]
-    k_fold = jnp.moveaxis(kernel.reshape(f, kw * ci, co), 0, 1).reshape(kw * ci, f * co)
+    nd, co, k_fold = cfg.ndim, kernel.shape[-1], _fold_kernel(kernel, cfg)
+    f = k_fold.shape[1] // co
 
     def tile(t, z):
         y = jnp.matmul(_patch(xp, t, 0, row, rp, g), k_fold, preferred_element_type=acc)
@@ -918,8 +893,7 @@ def _kernel_grad_fold(x, dz, k_shape, cfg: WindowConfig, p: Plan, acc):
     """``dK_fold = P_rowᵀ · dY`` with ``dY[h, a] = dZ[h - a·d]`` (zero where that is outside
     ``dZ``): the transpose of :func:`_correlate_fold`'s two steps."""
     xp, row, rp, g, out, span = _fold_setup(x, cfg, p)
-    (ci, co), f = k_shape[-2:], math.prod(cfg.window[:-1])
-    kw = cfg.window[-1]
+    co, f = k_shape[-1], len(_fold_taps(cfg))
     dzp = _pad_batch(dz, p.n_tiles * p.n_tile)
 
     def tile(t, dk):
@@ -942,6 +916,5 @@ def _kernel_grad_fold(x, dz, k_shape, cfg: WindowConfig, p: Plan, acc):
         patch = _patch(xp, t, 0, row, rp, g)
         return dk + jnp.matmul(patch.T, dy, preferred_element_type=acc)
 
-    dk = _loop(p.n_tiles, tile, jnp.zeros((kw * ci, f * co), acc))
-    dk = jnp.moveaxis(dk.reshape(kw * ci, f, co), 1, 0)
-    return dk.reshape(*cfg.window[:-1], kw, ci, co)
+    width = math.prod(row.window) * k_shape[-2]
+    return _unfold_kernel(_loop(p.n_tiles, tile, jnp.zeros((width, f * co), acc)), k_shape, cfg)

@@ -203,13 +203,13 @@ ENGINE_CASES = {
     "patch as slices, one tap": ((2, 5, 6, 16), (1, 1, 16, 8), {}, "slices", 1),
     "patch as slices, kernel dilation (1-D)": ((2, 20, 24), (3, 24, 4),
                                                dict(dilation=4, padding=3), "slices", 1),
-    # Strides in the dims before the last, with a wide window and few channels: those strides
-    # go into the channels (_to_depth on _row_depth_dims) and the stride-1 layer folds.
-    "row depth, folded (2-D)": ((3, 12, 11, 6), (7, 5, 6, 4),
-                                dict(stride=(3, 2), padding=((3, 1), (2, 2))), "row depth", 1),
-    "row depth, folded (3-D, last-dim dilation)": ((3, 7, 8, 9, 4), (5, 3, 3, 4, 4),
-                                                   dict(stride=(2, 3, 1), dilation=(1, 1, 2)),
-                                                   "row depth", 1),
+    # Strides in the dims before the last, with a wide window and few channels: the folded
+    # form with those dims cut into blocks of s rows (_fold_dims), in image tiles.
+    "folded form, outer strides (2-D)": ((3, 12, 11, 6), (7, 5, 6, 4),
+                                         dict(stride=(3, 2), padding=((3, 1), (2, 2))), "fold", 2),
+    "folded form, outer strides (3-D, last-dim dilation)": ((3, 7, 8, 9, 4), (5, 3, 3, 4, 4),
+                                                            dict(stride=(2, 3, 1),
+                                                                 dilation=(1, 1, 2)), "fold", 2),
     # A stride at least the window, or dividing it, runs as a stride-1 correlation with every
     # dim's stride in the channels (_to_depth): windows of 2 and 4 with stride 2, of 3 with
     # stride 4.
@@ -245,27 +245,37 @@ def test_folded_form_with_its_outer_taps_in_a_loop(name, monkeypatch):
     _check_engine_case(name)
 
 
-# Strides moved into the channels (_to_depth) in the outer dims wherever the layer allows it,
-# whether or not the cost model would: windows below, equal to and above the stride, uneven
-# padding, a stride-1 dim between strided ones, a dilated last dim; the layer that results
-# folds or not.
-ROW_DEPTH_CASES = [
-    ((2, 13, 11, 3), (7, 7, 3, 5), dict(stride=2, padding="SAME")),
-    ((2, 15, 9, 2), (5, 3, 2, 3), dict(stride=(3, 2), padding=((1, 2), (0, 1)))),
-    ((2, 11, 11, 3), (2, 3, 3, 4), dict(stride=(3, 1))),
-    ((1, 9, 10, 8, 3), (3, 5, 2, 3, 4), dict(stride=(2, 1, 3), dilation=(1, 1, 2))),
-    ((2, 14, 14, 3), (4, 4, 3, 5), dict(stride=(4, 2), padding="SAME")),
+# The folded form wherever it applies, whether or not the cost model would choose it: strides
+# in the outer dims with windows below, equal to and above the stride, uneven padding, a
+# stride-1 dim between strided ones, dilation (in the last dim, or in an outer dim without a
+# stride).
+FORCED_FOLD_CASES = [
+    ((2, 13, 11, 8), (7, 7, 8, 5), dict(stride=2, padding="SAME")),
+    ((2, 15, 9, 8), (5, 3, 8, 3), dict(stride=(3, 2), padding=((1, 2), (0, 1)))),
+    ((1, 9, 10, 8, 6), (3, 5, 2, 6, 4), dict(stride=(2, 1, 3), dilation=(1, 1, 2))),
+    ((1, 10, 9, 11, 4), (3, 4, 3, 4, 3), dict(stride=(2, 3, 2), padding="SAME")),
+    ((2, 12, 13, 8), (3, 3, 8, 4), dict(stride=(1, 2), dilation=(2, 1), padding=1)),
+    ((2, 9, 10, 16), (3, 3, 16, 8), dict(stride=2, padding=((0, 1), (2, 0)))),
 ]
 
 
 @pytest.mark.usefixtures("x64")
-@pytest.mark.parametrize("case", range(len(ROW_DEPTH_CASES)))
-def test_outer_strides_in_depth_wherever_they_apply(case, monkeypatch):
+@pytest.mark.parametrize("case", range(len(FORCED_FOLD_CASES)))
+def test_folded_form_wherever_it_applies(case, monkeypatch):
     from jaxcnn import _patches
 
-    x_shape, k_shape, options = ROW_DEPTH_CASES[case]
-    monkeypatch.setattr(_patches, "_row_depth_pays", lambda x_shape, k_shape, cfg, groups, itemsize:
-                        groups == 1 and bool(_patches._row_depth_dims(cfg)))
+    x_shape, k_shape, options = FORCED_FOLD_CASES[case]
+    fold_bytes = _patches._fold_bytes
+
+    def always_cheaper(*args):
+        cost = fold_bytes(*args)
+        return None if cost is None else (cost[1] + 1, *cost[1:])
+
+    monkeypatch.setattr(_patches, "_fold_bytes", always_cheaper)
+    cfg = _shapes.conv_config(x_shape, k_shape, None, stride=options.get("stride", 1),
+                              padding=options.get("padding", "VALID"),
+                              dilation=options.get("dilation", 1), groups=1)
+    assert _patches.plan(x_shape, k_shape, cfg, 1, 8).product == "fold"
     rng = np.random.default_rng(case)
     x, k = rng.normal(size=x_shape), rng.normal(size=k_shape)
     compare_impls(lambda x, k, impl: jc.conv(x, k, impl=impl, **options), (x, k), "float64")
@@ -281,12 +291,7 @@ def _check_engine_case(name):
                               padding=options.get("padding", "VALID"),
                               dilation=options.get("dilation", 1), groups=groups)
     plan = _patches.plan(x_shape, k_shape, cfg, groups, 8)
-    if product == "row depth":
-        assert plan.product != "elementwise" and _patches._row_depth_pays(x_shape, k_shape, cfg,
-                                                                           groups, 8)
-        xs, ks, cq = _patches._depth_shapes(x_shape, k_shape, cfg, _patches._row_depth_dims(cfg))
-        assert _patches.plan(xs, ks, cq, groups, 8).product == "fold"
-    elif product == "phases":
+    if product == "phases":
         assert plan.product != "elementwise" and _patches._phases_pay(k_shape, cfg, groups)
     elif product == "slices":
         assert (plan.product, plan.patch, plan.tiles) == ("matmul", "slices", 1), plan
