@@ -482,6 +482,10 @@ def test_plots_skipped_without_matplotlib(tmp_path, lenet, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+# Under -m slow (4 s; the default suite had reached 295 s of its 300): the default run holds the
+# same agreement step by step along a 50-step Adam run (test_lax_and_manual_adam_steps_agree_
+# along_a_run) and two independent SGD runs (the test above it).
+@pytest.mark.slow
 @pytest.mark.usefixtures("x64")
 def test_lax_and_manual_adam_runs_agree_for_50_steps_in_float64(lenet, small):
     """The floor with the default optimizer (Adam): two independent 50-step runs, --impl lax and

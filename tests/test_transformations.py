@@ -113,6 +113,10 @@ def test_direct_forward_mode_is_refused_and_double_vjp_gives_the_jvp():
     assert_close(t_out, t_ref, "float64")
 
 
+# Under -m slow (5 s; the default suite had reached 295 s of its 300): the default run checks
+# forward-over-reverse and the Hessian of every manual op on its own
+# (test_hessian_and_forward_over_reverse_through_manual_ops); this composes them.
+@pytest.mark.slow
 @pytest.mark.usefixtures("x64")
 def test_hessian_vector_products_through_a_whole_manual_network():
     """Forward-over-reverse through a network that holds every kind of layer the models use
