@@ -106,6 +106,21 @@ slice is compiled as its own loop, about 15 ms of compile time apiece (a 7x7 str
 reason the kernel gradient always gathers: its patch is built once more in the backward, and
 there the slices bought less (forward+backward, manual / lax, kernel gradient gathered vs
 sliced: 3x3 16->16 s2 0.80 vs 0.90, 7x7 3->64 s2 0.78 vs 0.95)."""
+RUN_NUMBERS = 128
+"""What one gathered run costs, in numbers moved (:func:`_fold_bytes`): XLA:CPU's gather
+computes and checks the start of each contiguous run it copies, which costs about as much as
+copying a run of this length (the same scale as :data:`SLICES_RUN`). It is what makes the
+folded form pay on narrow layers with wide windows although it moves more numbers: its patch
+holds one window row per position where the patch matrix holds ``kh``. Measured forward,
+manual / lax, one interleaved run, runs counted as 0 (numbers alone, the earlier rule) vs
+128 numbers, on the cases of benchmarks/ops.py whose form it changes: 5x5 8->32 1.90 vs 1.24,
+5x5 7->32 0.70 vs 0.46, 5x5 6->16 VALID 1.57 vs 1.44, the CIFAR stack's 3x3 32->64 1.33 vs
+0.99, small_cnn's 3x3 32->64 1.11 vs 0.81, 11x11 3->64 s4 1.28 vs 0.91, 3-D 3x3x3 16->32
+0.53 vs 0.43; forward+backward within the noise (5x5 8->32 1.44 vs 1.55, 5x5 7->32 1.15 vs
+1.27, the others equal or better). Whole networks, forward+backward: LeNet-5 0.61 vs 0.53,
+CIFAR 0.61 vs 0.57, small_cnn 0.71 vs 0.68, the ResNet 0.84 vs 0.88. A patch cut as slices
+(:data:`SLICES_RUN`) has no gathered runs: 3x3 16->16 s2 went 1.75 -> 2.58 when they were
+counted there too."""
 MATMUL_MIN_WIDTH = 8
 """Grouped layers with fewer input channels per group than this also run elementwise: their
 product would be a batched product over the groups with a tiny contraction each (measured:
@@ -178,12 +193,6 @@ def plan(x_shape, k_shape, cfg: WindowConfig, groups: int, itemsize: int, *,
             or (groups > 1 and c_in < MATMUL_MIN_WIDTH)):
         split, chunk, n_chunks = _blocks(window, c_in, ELEMENTWISE_TERMS, ELEMENTWISE_TERMS)
         return Plan(n, 1, out[0], 1, split, chunk, n_chunks, "elementwise")
-    fold = _fold_bytes(x_shape, k_shape, cfg, groups, out) if fold else None
-    if fold is not None and fold[1] < fold[0]:
-        per_image, fold_budget = fold[2] * itemsize, _xla_cpu.tile_bytes(folded=True)
-        if fold_budget is None or per_image <= fold_budget:
-            n_tiles = 1 if fold_budget is None else -(-n // max(1, fold_budget // per_image))
-            return Plan(-(-n // n_tiles), n_tiles, out[0], 1, -1, 1, 1, "fold")
     budget = _xla_cpu.tile_bytes()
     split, chunk, n_chunks = _blocks(window, c_in, BLOCK_WIDTH, ROW_WIDTH)
     taps = chunk * math.prod(window[split + 1:]) if split >= 0 else math.prod(window)
@@ -198,7 +207,15 @@ def plan(x_shape, k_shape, cfg: WindowConfig, groups: int, itemsize: int, *,
     else:
         r_tiles = -(-out[0] // rows)
         tiles = Plan(1, n, -(-out[0] // r_tiles), r_tiles, split, chunk, n_chunks, "matmul")
-    return tiles._replace(patch=_patch_kind(cfg, c_in, tiles))
+    tiles = tiles._replace(patch=_patch_kind(cfg, c_in, tiles))
+    costs = _fold_bytes(x_shape, k_shape, cfg, groups, out,
+                        gathered=tiles.patch == "gather") if fold else None
+    if costs is not None and costs[1] < costs[0]:
+        per_image, fold_budget = costs[2] * itemsize, _xla_cpu.tile_bytes(folded=True)
+        if fold_budget is None or per_image <= fold_budget:
+            n_tiles = 1 if fold_budget is None else -(-n // max(1, fold_budget // per_image))
+            return Plan(-(-n // n_tiles), n_tiles, out[0], 1, -1, 1, 1, "fold")
+    return tiles
 
 
 def _patch_kind(cfg: WindowConfig, c_in: int, p: Plan) -> str:
@@ -229,12 +246,15 @@ def _fold_dims(cfg: WindowConfig):
             for k, st, d in zip(cfg.window[:-1], cfg.stride[:-1], cfg.dilation[:-1])]
 
 
-def _fold_bytes(x_shape, k_shape, cfg: WindowConfig, groups: int, out):
-    """``(im2col, fold, fold per image)``: numbers moved per image by the patch-matrix form
-    (the patch written and read) and by the folded form (window rows written and read, ``Y``
-    written and read, ``Z`` written), or None where the folded form does not apply (groups,
-    a stride with a kernel dilation in a dim before the last, one outer tap, rows or ``Y``
-    too wide)."""
+def _fold_bytes(x_shape, k_shape, cfg: WindowConfig, groups: int, out, *,
+                gathered: bool = True):
+    """``(im2col, fold, fold per image)``: the cost per image of the patch-matrix form (the
+    patch written and read) and of the folded form (window rows written and read, ``Y``
+    written and read, ``Z`` written), in numbers moved, each gathered run counted as
+    :data:`RUN_NUMBERS` numbers more (the patch matrix's only where it is ``gathered``, not
+    cut as slices); or None where the folded form does not apply (groups, a stride with a kernel
+    dilation in a dim before the last, one outer tap, rows or ``Y`` too wide). The third
+    number is the folded form's numbers per image, for its tile budget."""
     nd, window = cfg.ndim, cfg.window
     ci, co = k_shape[-2], k_shape[-1]
     if nd < 2 or groups != 1 or any(st > 1 and d > 1 for st, d in
@@ -246,8 +266,11 @@ def _fold_bytes(x_shape, k_shape, cfg: WindowConfig, groups: int, out):
         return None
     rows_out = math.prod(out[:-1]) * out[-1]
     rows_in = math.prod(o + (t - 1) * step for o, (_, t, step) in zip(out[:-1], dims)) * out[-1]
-    im2col = 2 * math.prod(window) * ci * rows_out
-    fold = (2 * row + 2 * f * co) * rows_in + co * rows_out
+    runs = window[-1] if cfg.dilation[-1] > 1 else 1       # gathered runs per window row
+    im2col = (2 * math.prod(window) * ci
+              + (RUN_NUMBERS * math.prod(window[:-1]) * runs if gathered else 0)) * rows_out
+    fold = ((2 * row + 2 * f * co + RUN_NUMBERS * math.prod(w for w, _, _ in dims) * runs)
+            * rows_in + co * rows_out)
     return im2col, fold, (row + f * co) * rows_in
 
 
