@@ -169,14 +169,15 @@ def plan(x_shape, k_shape, cfg: WindowConfig, groups: int, itemsize: int, *,
       ``Y = P_row · K_fold`` has ``F · C_out`` columns (``F`` taps of the outer dims), and
       ``Z`` is the sum of ``F`` shifted slices of ``Y``. An outer dim with a stride ``s`` is
       cut into blocks of ``s`` rows and a patch row holds a block's first ``min(k, s)`` rows
-      (:func:`_fold_dims`), so every row of ``Y`` is used. It is chosen when it moves fewer
-      bytes than the patch matrix (:func:`_fold_bytes`): the typical narrow layer (3x3, 16
+      (:func:`_fold_dims`), so every row of ``Y`` is used. It is chosen when it costs less
+      than the patch matrix (:func:`_fold_bytes`): the typical narrow layer (3x3, 16
       to 64 channels) gathers a third of the numbers, and its product gets 3x as many
       columns; a 7x7 stride-2 layer with 16 channels in gathers 784 numbers per output
-      position as one patch, about half of that folded.
+      position as one patch, about half of that folded. The cost counts gathered runs too
+      (:data:`RUN_NUMBERS`).
     - Strides: where the window is a multiple of the stride, or at most the stride
       (:func:`_phases_pay`), :func:`correlate` moves every dim's stride into the channels
-      (:func:`_to_depth`) and plans the stride-1 layer that results.
+      (:func:`_strides_to_phases`) and plans the stride-1 layer that results.
     - Blocks: whole window rows, grouped while the block's width ``taps · C_in/G`` stays
       within :data:`BLOCK_WIDTH` (see :func:`_blocks`). A window that fits is one block.
     - Tiles: one tile (no loop) where the layer's patch is at most
@@ -633,7 +634,7 @@ def correlate(x, kernel, cfg: WindowConfig, groups: int):
     acc = accum_dtype(x.dtype)
     p = plan(x.shape, kernel.shape, cfg, groups, x.dtype.itemsize)
     if p.product != "elementwise" and _phases_pay(kernel.shape, cfg, groups):
-        x, kernel, cfg = _to_depth(x, kernel, cfg, range(cfg.ndim))
+        x, kernel, cfg = _strides_to_phases(x, kernel, cfg)
         p = plan(x.shape, kernel.shape, cfg, groups, x.dtype.itemsize)
     if p.product == "fold":
         return _correlate_fold(x, kernel, cfg, p, acc)
@@ -662,8 +663,8 @@ def correlate(x, kernel, cfg: WindowConfig, groups: int):
 
 
 PHASES_WASTE = 1.0
-"""The most zero multiply-adds (as a factor of the real ones) that :func:`_to_depth` over every
-dim may add: none, so it runs where the window is at most the stride or a multiple of it.
+"""The most zero multiply-adds (as a factor of the real ones) that :func:`_strides_to_phases`
+may add: none, so it runs where the window is at most the stride or a multiple of it.
 Measured forward, manual / lax, patch product with strides vs phases (one interleaved run):
 1x1 64->128 s2 1.16 vs 0.82, 2x2 32->64 s2 0.75 vs 0.74, 3x3 16->32 s4 0.95 vs 0.90; where
 zero taps are added it did not pay: 7x7 16->32 s2 (waste 1.31) 3.23 vs 3.39, 7x7 3->64 s2
@@ -672,8 +673,8 @@ zero taps are added it did not pay: 7x7 16->32 s2 (waste 1.31) 3.23 vs 3.39, 7x7
 
 
 def _phases_pay(k_shape, cfg: WindowConfig, groups: int) -> bool:
-    """Whether :func:`_to_depth` over every dim applies (a stride, no dilation, no groups) and
-    adds at most :data:`PHASES_WASTE` zero multiply-adds."""
+    """Whether :func:`_strides_to_phases` applies (a stride, no dilation, no groups) and adds at
+    most :data:`PHASES_WASTE` zero multiply-adds."""
     if groups != 1 or all(st == 1 for st in cfg.stride) or any(d != 1 for d in cfg.dilation):
         return False
     waste = math.prod(-(-k // st) * st / k if k > st else 1.0
@@ -681,67 +682,40 @@ def _phases_pay(k_shape, cfg: WindowConfig, groups: int) -> bool:
     return waste <= PHASES_WASTE
 
 
-def _depth_geometry(cfg: WindowConfig, dims):
-    """Per dim, ``(phases, taps)`` of :func:`_to_depth`: ``(min(k, s), ceil(k / s))`` in
-    ``dims``, ``(1, k)`` elsewhere."""
-    return [(min(k, st), -(-k // st)) if q in dims else (1, k)
-            for q, (k, st) in enumerate(zip(cfg.window, cfg.stride))]
+def _strides_to_phases(x, kernel, cfg: WindowConfig):
+    """A strided correlation as one with stride 1 ("space to depth"), exactly.
 
-
-def _depth_config(cfg: WindowConfig, dims) -> WindowConfig:
-    """The layer :func:`_to_depth` turns ``cfg`` into: stride 1 and no padding in ``dims``."""
-    geo = _depth_geometry(cfg, dims)
-    return WindowConfig(tuple(t for _, t in geo),
-                        tuple(1 if q in dims else st for q, st in enumerate(cfg.stride)),
-                        tuple((0, 0) if q in dims else pq for q, pq in enumerate(cfg.padding)),
-                        cfg.dilation)
-
-
-def _to_depth(x, kernel, cfg: WindowConfig, dims):
-    """A correlation with strides in ``dims`` as one with stride 1 there ("space to depth"),
-    exactly.
-
-    Per such dim with stride ``s`` and window ``k`` (no kernel dilation), write a tap as
-    ``m = a·s + r`` (``0 <= r < s``): ``z_i = Σ_m Xpad[i·s + m] K_m = Σ_a Σ_r X'[i + a, r]
-    K'[a, r]`` with ``X'[j, r] = Xpad[j·s + r]`` (the padded input cut into blocks of ``s``,
-    the phase ``r`` moved into the channels) and ``K'[a, r] = K[a·s + r]`` (zero where
-    ``a·s + r >= k``). So the result is a stride-1 correlation there of ``X'`` (``s`` times the
-    channels, ``1/s`` the length) with ``K'`` (``ceil(k/s)`` taps); where ``k <= s`` only the
-    first ``k`` phases are kept and ``K'`` has one tap (the windows do not overlap). Its
-    windows are runs of whole blocks, so the gather reads contiguous memory and the folded
-    form applies. The other dims keep their window, stride, padding and dilation. Returns
-    ``(x', K', cfg')``; the output positions are the same.
+    Per dim with stride ``s`` and window ``k``, write a tap as ``m = a·s + p`` (``0 <= p < s``):
+    ``z_i = Σ_m Xpad[i·s + m] K_m = Σ_a Σ_p X'[i + a, p] K'[a, p]`` with ``X'[j, p] =
+    Xpad[j·s + p]`` (the padded input cut into blocks of ``s``, the phase ``p`` moved into the
+    channels) and ``K'[a, p] = K[a·s + p]`` (zero where ``a·s + p >= k``). So the result is a
+    stride-1 correlation of ``X'`` (``s`` times the channels, ``1/s`` the length) with ``K'``
+    (``ceil(k/s)`` taps); where ``k <= s`` only the first ``k`` phases are kept and ``K'``
+    has one tap (the windows do not overlap: the patch matrix is ``X'`` itself). Its windows
+    are runs of whole blocks, so the gather reads contiguous memory and the folded form
+    applies. Returns ``(x', kernel', cfg')``; the output positions are the same.
     """
-    nd, geo = cfg.ndim, _depth_geometry(cfg, dims)
+    nd = cfg.ndim
     out = output_spatial(x.shape[1:-1], cfg)
-    length = {q: (out[q] - 1 + geo[q][1]) * cfg.stride[q] for q in dims}
-    xp = pad(x, tuple((lo, length[q] - n - lo) if q in dims else (0, 0) for q, ((lo, _), n)
-                      in enumerate(zip(cfg.padding, x.shape[1:-1]))))
-    shape, keep, phase_axes = [xp.shape[0]], [slice(None)], []
-    for q in range(nd):
-        if q in dims:
-            shape += [length[q] // cfg.stride[q], cfg.stride[q]]
-            keep += [slice(None), slice(0, geo[q][0])]
-            phase_axes.append(len(shape) - 1)
-        else:
-            shape.append(xp.shape[1 + q])
-            keep.append(slice(None))
-    xp = xp.reshape(*shape, xp.shape[-1])[(*keep, slice(None))]
-    xp = jnp.moveaxis(xp, phase_axes, range(len(shape) - len(phase_axes), len(shape)))
-    xp = xp.reshape(*xp.shape[:nd + 1], -1)
-    kp = jnp.pad(kernel, [(0, t * st - k if q in dims and k > st else 0) for q, ((_, t), k, st)
-                          in enumerate(zip(geo, cfg.window, cfg.stride))] + [(0, 0), (0, 0)])
-    kp = kp.reshape(*(d for q, (ph, t) in enumerate(geo) for d in ((t, ph) if q in dims else (t,))),
-                    *kernel.shape[-2:])
-    k_axes, a = [], 0
-    for q in range(nd):
-        a += 1
-        if q in dims:
-            k_axes.append(a)
-            a += 1
-    kp = jnp.moveaxis(kp, k_axes, range(a - len(k_axes), a))
-    kp = kp.reshape(*kp.shape[:nd], -1, kernel.shape[-1])
-    return xp, kp, _depth_config(cfg, dims)
+    phases = tuple(min(k, st) for k, st in zip(cfg.window, cfg.stride))
+    taps = tuple(-(-k // st) for k, st in zip(cfg.window, cfg.stride))
+    length = tuple((o - 1 + t) * st for o, t, st in zip(out, taps, cfg.stride))
+    xp = pad(x, tuple((lo, want - n - lo) for (lo, _), n, want in
+                      zip(cfg.padding, x.shape[1:-1], length)))
+    n, c = xp.shape[0], xp.shape[-1]
+    blocks = [dim for j, st in zip(length, cfg.stride) for dim in (j // st, st)]
+    xp = xp.reshape(n, *blocks, c)[(slice(None), *(sl for q in phases
+                                                   for sl in (slice(None), slice(0, q))))]
+    order = (0, *range(1, 2 * nd, 2), *range(2, 2 * nd + 1, 2), 2 * nd + 1)
+    xp = xp.transpose(order).reshape(n, *(j // st for j, st in zip(length, cfg.stride)),
+                                     math.prod(phases) * c)
+    ci, co = kernel.shape[-2:]
+    kp = jnp.pad(kernel, [(0, t * st - k if k > st else 0) for k, t, st in
+                          zip(cfg.window, taps, cfg.stride)] + [(0, 0), (0, 0)])
+    kp = kp.reshape(*(dim for t, q in zip(taps, phases) for dim in (t, q)), ci, co)
+    kp = kp.transpose((*range(0, 2 * nd, 2), *range(1, 2 * nd, 2), 2 * nd, 2 * nd + 1))
+    kp = kp.reshape(*taps, math.prod(phases) * ci, co)
+    return xp, kp, WindowConfig(taps, (1,) * nd, ((0, 0),) * nd, (1,) * nd)
 
 
 def _dynamic_index(a, j):

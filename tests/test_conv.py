@@ -210,9 +210,8 @@ ENGINE_CASES = {
     "folded form, outer strides (3-D, last-dim dilation)": ((3, 7, 8, 9, 4), (5, 3, 3, 4, 4),
                                                             dict(stride=(2, 3, 1),
                                                                  dilation=(1, 1, 2)), "fold", 2),
-    # A stride at least the window, or dividing it, runs as a stride-1 correlation with every
-    # dim's stride in the channels (_to_depth): windows of 2 and 4 with stride 2, of 3 with
-    # stride 4.
+    # A stride at least the window, or dividing it, runs as a stride-1 correlation of the
+    # phases (_strides_to_phases): windows of 2 and 4 with stride 2, of 3 with stride 4.
     "stride as phases (2-D)": ((2, 13, 12, 12), (2, 4, 12, 10),
                                dict(stride=2, padding=((1, 0), (0, 3))), "phases", 1),
     "stride as phases (1-D, window below the stride)": ((3, 22, 24), (3, 24, 9),
