@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import jax
 
-from jaxcnn import data, models, parallel, training
+from jaxcnn import data, models, parallel, reuse_host_memory, training
 
 
 class Distributed(NamedTuple):
@@ -132,6 +132,7 @@ def _recipes_help() -> str:
 
 def main(argv=None) -> int:
     config, distributed = parse_command_line(argv)
+    reuse_host_memory()  # before the first computation: see jaxcnn._xla_cpu
     sigterm = None  # the SIGTERM handler this call replaced, to put back
     try:
         if distributed.coordinator or distributed.process_id is not None:

@@ -15,6 +15,13 @@ import time
 
 import jax
 
+import jaxcnn
+
+HOST_MEMORY_REUSED = jaxcnn.reuse_host_memory()
+"""Every script that times imports this module before its first computation, so each run
+reuses the host memory the run before freed (:func:`jaxcnn.reuse_host_memory`), as
+``train.py`` does; ``JAXCNN_XLA_CPU_WORKAROUNDS=0`` measures without it."""
+
 
 def sample(f, args, inner: int) -> float:
     """Seconds per call of ``f(*args)``, averaged over ``inner`` calls, each one blocked on."""
@@ -107,6 +114,7 @@ def machine() -> dict:
         "jaxlib": jaxlib_version,
         "backend": jax.default_backend(),
         "devices": f"{len(devices)} x {devices[0].device_kind}",
+        "host_memory_reused": HOST_MEMORY_REUSED,
         "env": {k: v for k, v in os.environ.items()
                 if k.startswith(("JAXCNN_", "XLA_FLAGS", "JAX_", "OMP_", "MKL_"))},
     }
@@ -115,7 +123,8 @@ def machine() -> dict:
 def machine_line(m: dict) -> str:
     env = " ".join(f"{k}={v}" for k, v in sorted(m["env"].items()))
     return (f"{m['date']}; {m['cpu']}, {m['cores']} cores; python {m['python']}, jax {m['jax']}"
-            f" (jaxlib {m['jaxlib']}), backend {m['backend']} ({m['devices']})"
+            f" (jaxlib {m['jaxlib']}), backend {m['backend']} ({m['devices']}); host memory "
+            f"{'reused' if m.get('host_memory_reused') else 'not reused'} between runs"
             + (f"; env {env}" if env else ""))
 
 

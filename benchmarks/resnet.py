@@ -114,11 +114,13 @@ def main():
     parser.add_argument("--impl", default="manual", choices=("manual", "lax"))
     parser.add_argument("--skip-timing", action="store_true")
     args = parser.parse_args()
+    reused = jc.reuse_host_memory()  # as train.py does; before the first computation
 
     init, apply = models.resnet()
     _, params, state = init(jax.random.key(0), (-1, 28, 28, 1), with_state=True)
     print(f"resnet: {nn.count_params(params):,} params, {nn.count_params(state):,} state "
-          f"values; jax {jax.__version__} on {jax.default_backend()}")
+          f"values; jax {jax.__version__} on {jax.default_backend()}; host memory "
+          f"{'reused' if reused else 'not reused'} between runs")
     ds = data.load_dataset("synthetic", n_train=args.n_train, n_test=args.n_test)
     if not args.skip_timing:
         ms, cpu = time_steps(apply, params, state, ds, args.rounds, args.steps, args.batch)

@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from jaxcnn import models, training  # noqa: E402
+from jaxcnn import models, reuse_host_memory, training  # noqa: E402
 
 IMPLS = ("manual", "lax")
 
@@ -52,6 +52,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20, help="steps per timed run")
     p.add_argument("--runs", type=int, default=5, help="timed runs (the median is reported)")
     args = p.parse_args(argv)
+    reused = reuse_host_memory()  # as train.py does; before the first computation
 
     rng = np.random.default_rng(0)
     batch = (rng.random((args.batch_size, 28, 28, 1), np.float32),
@@ -62,7 +63,8 @@ def main(argv=None):
 
     print(f"{args.model}, batch {args.batch_size}, Adam; median of {args.runs} runs of "
           f"{args.steps} steps; jax {jax.__version__} on {jax.default_backend()} "
-          f"({os.cpu_count()} cores)")
+          f"({os.cpu_count()} cores); host memory {'reused' if reused else 'not reused'} "
+          f"between runs")
     print(f"{'impl':<8} {'img/s (median)':>15} {'min':>8} {'max':>8} {'ms/step':>9} "
           f"{'compile s':>10}")
     medians = {}

@@ -16,6 +16,7 @@ from .adaptive_pooling import (adaptive_avg_pool, adaptive_max_pool, global_avg_
 from .padding import pad
 from .pooling import avg_pool, max_pool
 from .regularization import dropout
+from ._xla_cpu import reuse_host_memory
 
 __version__ = "0.1.0"
 
@@ -47,5 +48,6 @@ __all__ = [
     "check_vjp",
     "nn",
     "models",
+    "reuse_host_memory",
 ]
 
