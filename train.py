@@ -132,7 +132,6 @@ def _recipes_help() -> str:
 
 def main(argv=None) -> int:
     config, distributed = parse_command_line(argv)
-    reuse_host_memory()  # before the first computation: see jaxcnn._xla_cpu
     sigterm = None  # the SIGTERM handler this call replaced, to put back
     try:
         if distributed.coordinator or distributed.process_id is not None:
@@ -171,4 +170,7 @@ def _terminate(signum, frame):
 
 
 if __name__ == "__main__":
+    # The process's allocator, so here and not in main() (which tests call in their own
+    # process); before the first computation. See jaxcnn.reuse_host_memory.
+    reuse_host_memory()
     sys.exit(main())

@@ -64,7 +64,10 @@ What they work around, measured on a 2-core x86-64 VM with jax/jaxlib 0.10.2:
   trim threshold) it took none, and 67-75 ms, in three alternating pairs of runs. In one
   process each, forward+backward at batch 128, without / with (manual; lax): the CIFAR stack
   79 / 61 ms; 153 / 107 ms, small_cnn 137 / 108; 195 / 150, the ResNet 129 / 87; 150 / 96,
-  LeNet-5 (under 32 MiB) unchanged. It changes the allocator of the whole process and must
+  LeNet-5 (under 32 MiB) unchanged. Its price: the process keeps the most memory it has used,
+  and its threads share one ``malloc`` arena, which slows compiling (the compile-bound
+  ``tests/test_conv.py`` took 46 -> 52 s and 57 -> 61 s in two alternating pairs of runs:
+  about 10%). It changes the allocator of the whole process and must
   run before JAX starts its CPU client (whose threads keep the arenas they began with), so it
   is a call the program makes (``train.py`` and the benchmarks do), not an import side effect.
 """
@@ -177,7 +180,7 @@ def reuse_host_memory() -> bool:
     Call it once, at the start of the program, before the first JAX computation: threads that
     already run keep their own arenas, and then nothing changes. The price is that the process
     holds on to the largest amount of memory it has used (as PyTorch's GPU caching allocator
-    does), and threads share one ``malloc`` arena. Does nothing, and returns False, with the
+    does), and threads share one ``malloc`` arena (compiling is about 10% slower). Does nothing, and returns False, with the
     workarounds switched off (:data:`ENABLED`) or without glibc (macOS, musl).
     """
     if not ENABLED:

@@ -127,6 +127,46 @@ def bad_input_test(cases):
     return test
 
 
+# Early starts. A few session fixtures wait for child processes that take a long time (the
+# data-parallel runs of test_parallel.py: about 20 s). Most tests compile on one core, so the
+# children run beside the tests before them: a test module registers the function that starts
+# them (:func:`start_early`), and the session's first test starts them where a selected test
+# uses the fixture; the fixture then takes them (:func:`started_early`).
+_EARLY_STARTERS: dict = {}
+_EARLY_STARTED: dict = {}
+
+
+def start_early(fixture_name: str):
+    """Decorator: ``fn(tmp_path_factory) -> (anything, [Popen, ...])`` starts, without
+    waiting, the processes that the session fixture ``fixture_name`` waits for."""
+    def register(fn):
+        _EARLY_STARTERS[fixture_name] = fn
+        return fn
+    return register
+
+
+def started_early(fixture_name: str, tmp_path_factory):
+    """What the starter of ``fixture_name`` returned: started at the session's first test,
+    or now (a fixture asked for in a way the selection did not show)."""
+    if fixture_name not in _EARLY_STARTED:
+        _EARLY_STARTED[fixture_name] = _EARLY_STARTERS[fixture_name](tmp_path_factory)
+    return _EARLY_STARTED[fixture_name][0]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _early_starts(request, tmp_path_factory):
+    used = {name for item in request.session.items for name in item.fixturenames}
+    for name, start in _EARLY_STARTERS.items():
+        if name in used:
+            _EARLY_STARTED[name] = start(tmp_path_factory)
+    yield
+    for _, procs in _EARLY_STARTED.values():  # none left running (say, after a -x stop)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:

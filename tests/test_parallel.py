@@ -23,7 +23,7 @@ import pytest
 
 from jaxcnn import parallel, training
 
-from conftest import ROOT, closed_port_url, free_port
+from conftest import ROOT, closed_port_url, free_port, start_early, started_early
 
 CHILD = ROOT / "tests" / "_parallel_child.py"
 STEPS, BATCH = 20, 32  # the children's run: tests/_parallel_child.py
@@ -40,34 +40,48 @@ def child_env(devices: int) -> dict:
     return env
 
 
-def finish(proc, name):
+def finish(proc, name, log):
     try:
-        out, _ = proc.communicate(timeout=CHILD_TIMEOUT)
+        proc.wait(timeout=CHILD_TIMEOUT)
     except subprocess.TimeoutExpired:
         proc.kill()
-        out, _ = proc.communicate()
-        pytest.fail(f"{name} did not finish in {CHILD_TIMEOUT} s; its output:\n{out}")
+        proc.wait()
+        pytest.fail(f"{name} did not finish in {CHILD_TIMEOUT} s; its output:\n"
+                    f"{log.read_text()}")
+    out = log.read_text()
     if proc.returncode != 0:
         pytest.fail(f"{name} exited with {proc.returncode}; its output:\n{out}")
     return out
 
 
-@pytest.fixture(scope="session")
-def children(tmp_path_factory):
-    """Run the 4-device child and the two processes of the distributed run, all at once."""
+@start_early("children")
+def start_children(tmp_path_factory):
+    """Start the 4-device child and the two processes of the distributed run, all at once
+    (at the session's first test: see conftest.start_early); each writes its output to
+    ``NAME.txt``."""
     tmp = tmp_path_factory.mktemp("parallel")
     coordinator = f"127.0.0.1:{free_port()}"
-    spawn = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp)
-    procs = {
-        "devices": subprocess.Popen(
-            [sys.executable, str(CHILD), "devices", str(tmp / "devices.json"),
-             str(tmp / "runs")], env=child_env(4), **spawn),
+    commands = {
+        "devices": ([str(CHILD), "devices", str(tmp / "devices.json"), str(tmp / "runs")],
+                    child_env(4)),
     }
     for pid in (0, 1):
-        procs[f"process{pid}"] = subprocess.Popen(
-            [sys.executable, str(CHILD), "process", str(tmp / f"process{pid}.json"),
-             str(tmp / "distributed"), coordinator, "2", str(pid)], env=child_env(2), **spawn)
-    outputs = {name: finish(proc, name) for name, proc in procs.items()}
+        commands[f"process{pid}"] = (
+            [str(CHILD), "process", str(tmp / f"process{pid}.json"), str(tmp / "distributed"),
+             coordinator, "2", str(pid)], child_env(2))
+    procs = {}
+    for name, (args, env) in commands.items():
+        with open(tmp / f"{name}.txt", "w") as log:
+            procs[name] = subprocess.Popen([sys.executable, *args], stdout=log,
+                                           stderr=subprocess.STDOUT, env=env, cwd=tmp)
+    return (tmp, procs), list(procs.values())
+
+
+@pytest.fixture(scope="session")
+def children(tmp_path_factory):
+    """The 4-device child and the two processes of the distributed run, finished."""
+    tmp, procs = started_early("children", tmp_path_factory)
+    outputs = {name: finish(proc, name, tmp / f"{name}.txt") for name, proc in procs.items()}
     results = {name: json.loads((tmp / f"{name}.json").read_text()) for name in procs}
     return {"results": results, "outputs": outputs, "dir": tmp}
 
