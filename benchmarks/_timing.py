@@ -17,10 +17,17 @@ import jax
 
 import jaxcnn
 
-HOST_MEMORY_REUSED = jaxcnn.reuse_host_memory()
-"""Every script that times imports this module before its first computation, so each run
-reuses the host memory the run before freed (:func:`jaxcnn.reuse_host_memory`), as
-``train.py`` does; ``JAXCNN_XLA_CPU_WORKAROUNDS=0`` measures without it."""
+HOST_MEMORY_REUSED = False
+"""Whether this process called :func:`jaxcnn.reuse_host_memory` (through
+:func:`reuse_host_memory`), for the machine line."""
+
+
+def reuse_host_memory() -> bool:
+    """:func:`jaxcnn.reuse_host_memory` for this benchmark process, as ``train.py`` does: call
+    it before the first computation. Returns (and records) whether it applied."""
+    global HOST_MEMORY_REUSED
+    HOST_MEMORY_REUSED = jaxcnn.reuse_host_memory()
+    return HOST_MEMORY_REUSED
 
 
 def sample(f, args, inner: int) -> float:
@@ -123,8 +130,9 @@ def machine() -> dict:
 def machine_line(m: dict) -> str:
     env = " ".join(f"{k}={v}" for k, v in sorted(m["env"].items()))
     return (f"{m['date']}; {m['cpu']}, {m['cores']} cores; python {m['python']}, jax {m['jax']}"
-            f" (jaxlib {m['jaxlib']}), backend {m['backend']} ({m['devices']}); host memory "
-            f"{'reused' if m.get('host_memory_reused') else 'not reused'} between runs"
+            f" (jaxlib {m['jaxlib']}), backend {m['backend']} ({m['devices']}); "
+            + ("host memory reused between runs (jaxcnn.reuse_host_memory, as train.py)"
+               if m.get("host_memory_reused") else "glibc's default allocator")
             + (f"; env {env}" if env else ""))
 
 

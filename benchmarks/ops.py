@@ -80,6 +80,9 @@ def parse(argv=None):
                         "(or on the cases --quick / --filter select): checks that the script "
                         "runs, measures nothing")
     p.add_argument("--list", action="store_true", help="print the selected cases and exit")
+    p.add_argument("--reuse-host-memory", action="store_true",
+                   help="call jaxcnn.reuse_host_memory first, as train.py does (by default the "
+                        "ops run on glibc's default allocator, as in a user's own script)")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1; got {args.repeats}")
@@ -279,6 +282,8 @@ def print_floors(report, args, n_cases, n_nets):
 def main(argv=None):
     started = time.perf_counter()
     args = parse(argv)
+    if args.reuse_host_memory:  # before the first computation
+        _timing.reuse_host_memory()
     _timing.no_persistent_cache()
     cases = selected(_grid.cases(smoke=args.smoke), args, section=lambda c: c.section)
     if args.list:

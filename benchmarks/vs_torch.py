@@ -81,6 +81,9 @@ def parse(argv=None):
     p.add_argument("--json", metavar="FILE", help="write every number to FILE as well")
     p.add_argument("--smoke", action="store_true",
                    help="batch 4, 1 round of 2 steps: checks that the script runs")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="keep glibc's default allocator (by default the process calls "
+                        "jaxcnn.reuse_host_memory first, as train.py does; see the README)")
     args = p.parse_args(argv)
     if args.smoke:
         args.batch, args.rounds, args.steps, args.min_sample_ms = 4, 1, 2, 0.0
@@ -299,6 +302,8 @@ def print_floors(results, args):
 def main(argv=None):
     started = time.perf_counter()
     args = parse(argv)
+    if not args.default_malloc:  # the whole process, torch too; before the first computation
+        _timing.reuse_host_memory()
     torch = import_torch()
     torch.set_num_threads(args.threads)
     machine = {**_timing.machine(), "torch": torch.__version__,
