@@ -109,28 +109,28 @@ def adaptive_max_pool(x, output_size, *, ties="first", impl="lax"):
 def _global_avg_pool_jit(x, *, impl):
     if impl == "lax":
         return _global_avg_pool_lax(x)
-    return _windows.layer_boundary(_global_avg_pool_manual, x)
+    return _global_avg_pool_manual(x)
 
 
 @partial(jax.jit, static_argnames=("ties", "impl"))
 def _global_max_pool_jit(x, *, ties, impl):
     if impl == "lax":
         return _global_max_pool_lax(x, ties)
-    return _windows.layer_boundary(_global_max_pool_manual, x, ties)
+    return _global_max_pool_manual(x, ties)
 
 
 @partial(jax.jit, static_argnames=("windows", "impl"))
 def _adaptive_avg_pool_jit(x, *, windows, impl):
     if impl == "lax":
         return _adaptive_avg_pool_lax(x, windows)
-    return _windows.layer_boundary(_adaptive_avg_pool_manual, x, windows)
+    return _adaptive_avg_pool_manual(x, windows)
 
 
 @partial(jax.jit, static_argnames=("windows", "ties", "impl"))
 def _adaptive_max_pool_jit(x, *, windows, ties, impl):
     if impl == "lax":
         return _adaptive_max_pool_lax(x, windows, ties)
-    return _windows.layer_boundary(_adaptive_max_pool_manual, x, windows, ties)
+    return _adaptive_max_pool_manual(x, windows, ties)
 
 
 def _spatial_axes(x):
@@ -226,7 +226,7 @@ def _adaptive_window_tensor(x, windows):
 @jax.custom_vjp
 def _global_avg_pool_manual(x):
     """Manual global average pooling; backward :func:`_global_avg_pool_bwd`."""
-    return _global_avg_pool_manual_forward(x)
+    return _windows.layer_boundary(_global_avg_pool_manual_forward, x)  # apart, as its rules
 
 
 def _global_avg_pool_manual_forward(x):
@@ -250,13 +250,13 @@ def _global_avg_pool_bwd(x, dz):
                              shape),)
 
 
-_global_avg_pool_manual.defvjp(_global_avg_pool_fwd, _global_avg_pool_bwd)
+_global_avg_pool_manual.defvjp(*_windows.apart(_global_avg_pool_fwd, _global_avg_pool_bwd, 0))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _global_max_pool_manual(x, ties: str):
     """Manual global max pooling; backward :func:`_global_max_pool_bwd`."""
-    return _global_max_pool_manual_forward(x)
+    return _windows.layer_boundary(_global_max_pool_manual_forward, x)  # apart
 
 
 def _global_max_pool_manual_forward(x):
@@ -293,13 +293,13 @@ def _global_max_pool_bwd(ties: str, x, dz):
     return (dx.reshape(x.shape),)
 
 
-_global_max_pool_manual.defvjp(_global_max_pool_fwd, _global_max_pool_bwd)
+_global_max_pool_manual.defvjp(*_windows.apart(_global_max_pool_fwd, _global_max_pool_bwd, 1))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _adaptive_avg_pool_manual(x, windows):
     """Manual adaptive average pooling; backward :func:`_adaptive_avg_pool_bwd`."""
-    return _adaptive_avg_pool_manual_forward(x, windows)
+    return _windows.layer_boundary(_adaptive_avg_pool_manual_forward, x, windows)  # apart
 
 
 def _averaging_matrices(windows, dtype):
@@ -351,13 +351,13 @@ def _adaptive_avg_pool_bwd(windows, _, dz):
     return (dx.astype(dz.dtype),)
 
 
-_adaptive_avg_pool_manual.defvjp(_adaptive_avg_pool_fwd, _adaptive_avg_pool_bwd)
+_adaptive_avg_pool_manual.defvjp(*_windows.apart(_adaptive_avg_pool_fwd, _adaptive_avg_pool_bwd, 1))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _adaptive_max_pool_manual(x, windows, ties: str):
     """Manual adaptive max pooling; backward :func:`_adaptive_max_pool_bwd`."""
-    return _adaptive_max_pool_manual_forward(x, windows)
+    return _windows.layer_boundary(_adaptive_max_pool_manual_forward, x, windows)  # apart
 
 
 def _adaptive_max_pool_manual_forward(x, windows):
@@ -421,4 +421,4 @@ def _scatter_windows(g, windows, x_shape):
     return dx.astype(g.dtype)
 
 
-_adaptive_max_pool_manual.defvjp(_adaptive_max_pool_fwd, _adaptive_max_pool_bwd)
+_adaptive_max_pool_manual.defvjp(*_windows.apart(_adaptive_max_pool_fwd, _adaptive_max_pool_bwd, 2))

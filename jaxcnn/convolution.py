@@ -76,7 +76,7 @@ def _conv_jit(x, kernel, bias, *, cfg, groups, impl):
     bias = None if bias is None else bias.astype(dtype)
     if impl == "lax":
         return _conv_lax(x, kernel, bias, cfg, groups)
-    return _windows.layer_boundary(_conv_manual, x, kernel, bias, cfg, groups)
+    return _conv_manual(x, kernel, bias, cfg, groups)
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,8 +102,9 @@ def _conv_lax(x, kernel, bias, cfg: WindowConfig, groups: int):
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _conv_manual(x, kernel, bias, cfg: WindowConfig, groups: int):
-    """The manual convolution; its backward is :func:`_conv_bwd` (the lecture's formulas)."""
-    return _conv_manual_forward(x, kernel, bias, cfg, groups)
+    """The manual convolution; its backward is :func:`_conv_bwd` (the lecture's formulas).
+    Each of the three runs as a layer apart (:func:`jaxcnn._windows.layer_boundary`)."""
+    return _windows.layer_boundary(_conv_manual_forward, x, kernel, bias, cfg, groups)
 
 
 def _conv_manual_forward(x, kernel, bias, cfg: WindowConfig, groups: int):
@@ -167,7 +168,7 @@ def _conv_bwd(cfg: WindowConfig, groups: int, res, dz):
     return dx.astype(x.dtype), dk.astype(kernel.dtype), None if db is None else db.astype(dz.dtype)
 
 
-_conv_manual.defvjp(_conv_fwd, _conv_bwd)
+_conv_manual.defvjp(*_windows.apart(_conv_fwd, _conv_bwd, 2))
 
 
 def _conv_input_grad(dz, kernel, x_shape, cfg: WindowConfig, groups: int):
@@ -270,7 +271,7 @@ def _conv_transpose_jit(y, kernel, bias, *, cfg, groups, x_shape, impl):
     bias = None if bias is None else bias.astype(dtype)
     if impl == "lax":
         return _conv_transpose_lax(y, kernel, bias, cfg, groups, x_shape)
-    return _windows.layer_boundary(_conv_transpose_manual, y, kernel, bias, cfg, groups, x_shape)
+    return _conv_transpose_manual(y, kernel, bias, cfg, groups, x_shape)
 
 
 def _conv_transpose_lax(y, kernel, bias, cfg: WindowConfig, groups: int, x_shape):
@@ -290,7 +291,8 @@ def _conv_transpose_lax(y, kernel, bias, cfg: WindowConfig, groups: int, x_shape
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _conv_transpose_manual(y, kernel, bias, cfg: WindowConfig, groups: int, x_shape):
     """The manual transposed convolution; backward :func:`_conv_transpose_bwd`."""
-    return _conv_transpose_manual_forward(y, kernel, bias, cfg, groups, x_shape)
+    return _windows.layer_boundary(_conv_transpose_manual_forward, y, kernel, bias, cfg, groups,
+                                   x_shape)
 
 
 def _conv_transpose_manual_forward(y, kernel, bias, cfg: WindowConfig, groups: int, x_shape):
@@ -336,4 +338,4 @@ def _conv_transpose_bwd(cfg: WindowConfig, groups: int, x_shape, res, dx):
     return dy.astype(y.dtype), dk.astype(kernel.dtype), None if db is None else db.astype(dx.dtype)
 
 
-_conv_transpose_manual.defvjp(_conv_transpose_fwd, _conv_transpose_bwd)
+_conv_transpose_manual.defvjp(*_windows.apart(_conv_transpose_fwd, _conv_transpose_bwd, 3))

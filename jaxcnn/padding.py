@@ -56,7 +56,7 @@ def pad(x, padding, *, mode="zeros", impl="lax"):
 def _pad_jit(x, *, pads, mode, impl):
     if impl == "lax":
         return _pad_lax(x, pads, mode)
-    return _windows.layer_boundary(_pad_manual, x, pads, mode)
+    return _pad_manual(x, pads, mode)
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,8 +74,9 @@ def _pad_lax(x, pads, mode: str):
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _pad_manual(x, pads, mode: str):
-    """Manual padding; backward :func:`_pad_bwd`."""
-    return _pad_manual_forward(x, pads, mode)
+    """Manual padding; backward :func:`_pad_bwd`. Each runs as a layer apart
+    (:func:`jaxcnn._windows.layer_boundary`)."""
+    return _windows.layer_boundary(_pad_manual_forward, x, pads, mode)
 
 
 def _pad_manual_forward(x, pads, mode: str):
@@ -178,4 +179,4 @@ def _place(piece, axis: int, start: int, n: int):
     return lax.pad(piece, jnp.zeros((), piece.dtype), config)
 
 
-_pad_manual.defvjp(_pad_fwd, _pad_bwd)
+_pad_manual.defvjp(*_windows.apart(_pad_fwd, _pad_bwd, 2))

@@ -120,14 +120,14 @@ def avg_pool(x, window, *, stride=None, padding="VALID", dilation=1, ceil_mode=F
 def _max_pool_jit(x, *, pc, ties, impl):
     if impl == "lax":
         return _max_pool_lax(x, pc, ties)
-    return _windows.layer_boundary(_max_pool_manual_path, x, pc, ties)
+    return _max_pool_manual_path(x, pc, ties)
 
 
 @partial(jax.jit, static_argnames=("pc", "counted", "impl"))
 def _avg_pool_jit(x, *, pc, counted, impl):
     if impl == "lax":
         return _avg_pool_lax(x, pc, counted)
-    return _windows.layer_boundary(_avg_pool_manual_path, x, pc, counted)
+    return _avg_pool_manual_path(x, pc, counted)
 
 
 def _max_pool_manual_path(x, pc: PoolConfig, ties: str):
@@ -139,11 +139,9 @@ def _avg_pool_manual_path(x, pc: PoolConfig, counted):
 
 
 def _mode_pad_layer(x, pc: PoolConfig):
-    """The manual mode padding as a layer of its own (:func:`jaxcnn._windows.layer_boundary`:
+    """The manual mode padding, a layer of its own (``jaxcnn.padding._pad_manual`` runs apart:
     XLA:CPU otherwise fuses the concatenates into every tap of the pooling and its backward)."""
-    if pc.mode == "zeros":
-        return x
-    return _windows.layer_boundary(mode_pad, x, pc, "manual")
+    return mode_pad(x, pc, "manual")
 
 
 def mode_pad(x, pc: PoolConfig, impl: str):
@@ -293,7 +291,7 @@ def tied_maxima(v, z):
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _max_pool_manual(x, cfg: WindowConfig, ties: str):
     """Manual max pooling; backward :func:`_max_pool_bwd`."""
-    return _max_pool_manual_forward(x, cfg)
+    return _windows.layer_boundary(_max_pool_manual_forward, x, cfg)  # apart, as its rules
 
 
 def _max_pool_manual_forward(x, cfg: WindowConfig):
@@ -379,13 +377,13 @@ def _disjoint_view(xp, cfg: WindowConfig, out):
     return crop.reshape(_windows.windowed_shape((n, *out, c), cfg))
 
 
-_max_pool_manual.defvjp(_max_pool_fwd, _max_pool_bwd)
+_max_pool_manual.defvjp(*_windows.apart(_max_pool_fwd, _max_pool_bwd, 2))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _avg_pool_manual(x, cfg: WindowConfig, counted):
     """Manual average pooling; backward :func:`_avg_pool_bwd`."""
-    return _avg_pool_manual_forward(x, cfg, counted)
+    return _windows.layer_boundary(_avg_pool_manual_forward, x, cfg, counted)  # apart
 
 
 def _avg_pool_manual_forward(x, cfg: WindowConfig, counted):
@@ -423,4 +421,4 @@ def _avg_pool_bwd(cfg: WindowConfig, counted, x, dz):
                                   dz.shape[1:-1]).astype(dz.dtype),)
 
 
-_avg_pool_manual.defvjp(_avg_pool_fwd, _avg_pool_bwd)
+_avg_pool_manual.defvjp(*_windows.apart(_avg_pool_fwd, _avg_pool_bwd, 2))
