@@ -83,6 +83,7 @@ import ctypes
 import os
 
 import jax
+import jax.extend.core as jax_core
 import jax.numpy as jnp
 from jax import lax
 
@@ -143,9 +144,14 @@ def _always(probe, op, *args):
     """``op(*args)`` as the branch of ``lax.cond`` on ``probe == probe or probe != probe``:
     always true (NaN too), but not constant to the compiler."""
     always = (probe == probe) | (probe != probe)
+    # op is traced once, to a jaxpr that gives the branch and the other branch's shapes.
+    closed, out_shape = jax.make_jaxpr(op, return_shape=True)(*args)
+    out_tree, run = jax.tree_util.tree_structure(out_shape), jax_core.jaxpr_as_fun(closed)
+    branch = lambda *a: jax.tree_util.tree_unflatten(                 # noqa: E731
+        out_tree, run(*jax.tree_util.tree_leaves(a)))
     zeros = lambda *a: jax.tree_util.tree_map(                       # noqa: E731
-        lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(op, *a))
-    return lax.cond(always, op, zeros, *args)
+        lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+    return lax.cond(always, branch, zeros, *args)
 
 
 def materialize(op, *args):
