@@ -22,7 +22,8 @@ import pytest
 
 from jaxcnn import _io, _report, _rundir, training
 
-from conftest import IDX_NAMES as IDX, ROOT, closed_port_url, load_cli, write_idx_files
+from conftest import (IDX_NAMES as IDX, ROOT, closed_port_url, load_cli, start_early,
+                      started_early, write_idx_files)
 
 N_TRAIN, N_TEST = 256, 100
 # Tiny settings shared with tests/test_training.py (same compiled step and evaluation).
@@ -50,19 +51,35 @@ def write_mnist(directory, *, n_train=N_TRAIN, n_test=N_TEST, seed=0, labels=Non
     return directory
 
 
-@pytest.fixture(scope="module")
-def mnist_run(tmp_path_factory):
-    """One real `python train.py --dataset mnist` run on written IDX files."""
+@start_early("mnist_run")
+def start_mnist_run(tmp_path_factory):
+    """Start one real `python train.py --dataset mnist` run on written IDX files (at the
+    session's first test: see conftest.start_early); its output goes to files."""
     tmp = tmp_path_factory.mktemp("mnist")
     data_dir = write_mnist(tmp / "data")
     out = tmp / "run"
     env = {**os.environ, "JAXCNN_MIRRORS": closed_port_url(),
            "XDG_CACHE_HOME": str(tmp / "cache")}
-    proc = subprocess.run(
-        [sys.executable, "train.py", "--dataset", "mnist", "--data-dir", str(data_dir),
-         "--out", str(out), *TINY],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    return proc, data_dir, out
+    with open(tmp / "stdout.txt", "w") as stdout, open(tmp / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "train.py", "--dataset", "mnist", "--data-dir", str(data_dir),
+             "--out", str(out), *TINY], cwd=ROOT, env=env, stdout=stdout, stderr=stderr)
+    return (proc, tmp, data_dir, out), [proc]
+
+
+@pytest.fixture(scope="module")
+def mnist_run(tmp_path_factory):
+    """That run, finished: ``(CompletedProcess, data_dir, out)``."""
+    proc, tmp, data_dir, out = started_early("mnist_run", tmp_path_factory)
+    try:
+        proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    done = subprocess.CompletedProcess(proc.args, proc.returncode,
+                                       (tmp / "stdout.txt").read_text(),
+                                       (tmp / "stderr.txt").read_text())
+    return done, data_dir, out
 
 
 def test_mnist_end_to_end(mnist_run):
