@@ -45,7 +45,7 @@ def in_accum_dtype(x):
 
 def layer_boundary(op, x, *rest):
     """``op(x, *rest)``, a manual layer run apart from its neighbours
-    (:func:`jaxcnn._xla_cpu.isolate`; its backward through :func:`apart`). XLA's CPU backend
+    (:func:`jaxcnn._xla_cpu.isolate`; its backward through :func:`defvjp_apart`). XLA's CPU backend
     otherwise fuses the elementwise expressions of the layers before into this layer's taps
     and patches, recomputing them for every tap. Arguments that are not arrays (a config)
     pass through as they are."""
@@ -59,17 +59,18 @@ def layer_boundary(op, x, *rest):
     return _xla_cpu.isolate(run, x, *arrays)
 
 
-def apart(fwd, bwd, n_nondiff: int):
-    """The rules ``(fwd, bwd)`` of a manual layer's ``jax.custom_vjp``, each run apart from its
-    neighbours like the layer's primal (:func:`layer_boundary`), for ``f.defvjp(*apart(...))``.
+def defvjp_apart(f, fwd, bwd):
+    """``f.defvjp(fwd, bwd)`` for a manual layer's ``jax.custom_vjp`` ``f``, each rule run apart
+    from its neighbours like the layer's primal (:func:`layer_boundary`).
 
     The forward rule's residuals that are its own inputs (``X``, ``K``) are passed on from
     outside the boundary, not through it: a conditional's outputs are new buffers, so an input
     passed out through one is copied, a pass over the layer's input on every step (in the
     CIFAR stack, 16 MB for its first max pool). Residuals that are not arrays (a flag) pass
-    on as they are. ``n_nondiff`` is the number of ``nondiff_argnums`` (they come first in
-    ``bwd``'s arguments).
+    on as they are. ``bwd`` takes ``f``'s ``nondiff_argnums`` first, as JAX passes them.
     """
+    n_nondiff = len(f.nondiff_argnums)
+
     def fwd_rule(*args):
         flat, tree = jax.tree_util.tree_flatten(args)
         found = {}
@@ -77,8 +78,8 @@ def apart(fwd, bwd, n_nondiff: int):
         def inside(*flat_in):
             out, res = fwd(*jax.tree_util.tree_unflatten(tree, flat_in))
             leaves, res_tree = jax.tree_util.tree_flatten(res)
-            kinds = [("input", next(i for i, a in enumerate(flat_in) if leaf is a))
-                     if any(leaf is a for a in flat_in) else
+            index = {id(a): i for i, a in enumerate(flat_in)}   # the inputs, by identity
+            kinds = [("input", index[id(leaf)]) if id(leaf) in index else
                      ("computed", None) if hasattr(leaf, "shape") else ("static", leaf)
                      for leaf in leaves]
             found.update(tree=res_tree, kinds=kinds)
@@ -97,7 +98,7 @@ def apart(fwd, bwd, n_nondiff: int):
             lambda g, *flat_res: bwd(*nondiff, jax.tree_util.tree_unflatten(tree, flat_res), g),
             g, *flat)
 
-    return fwd_rule, bwd_rule
+    f.defvjp(fwd_rule, bwd_rule)
 
 
 def pad(x, pads: Pads, *, interior: Sequence[int] | None = None, value=0):

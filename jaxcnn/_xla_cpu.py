@@ -17,13 +17,14 @@ What they work around, measured on a 2-core x86-64 VM with jax/jaxlib 0.10.2:
   branch of a conditional whose predicate (``v == v or v != v`` of one element: always true,
   but not constant to the compiler) picks the layer. Its cost is evaluating one element and
   the conditional's bookkeeping. A manual layer's primal, its forward rule and its backward
-  rule each run so (``jaxcnn._windows.apart``). The conditional was once put around the whole
+  rule each run so (``jaxcnn._windows.defvjp_apart``). The conditional was once put around the whole
   custom-VJP function, and autodiff made it a conditional around the backward too, but then
   the residuals that are the layer's own inputs left the forward conditional as outputs, and
   a conditional's outputs are new buffers: every manual layer copied its input on every
   step. Whole networks, forward+backward at batch 128, copied vs passed on from outside, in
-  one interleaved run: LeNet-5 0.99, the CIFAR stack 0.88, small_cnn 0.94, the ResNet 0.95. Should a later XLA fold the predicate, the barrier silently disappears and
-  every result stays the same.
+  one interleaved run: LeNet-5 0.99, the CIFAR stack 0.88, small_cnn 0.94, the ResNet 0.95.
+  Should a later XLA fold the predicate, the barrier silently disappears and every result
+  stays the same.
 - :func:`materialize`. XLA:CPU also fuses a padding into the gather that reads the padded
   array, and the fused gather then tests every element it copies against the padding's
   bounds: a 7x7 stride-2 convolution of one 224x224x3 image (a patch of 7.4 MB) took 2.5 ms
@@ -191,8 +192,9 @@ def reuse_host_memory() -> bool:
     Call it once, at the start of the program, before the first JAX computation: threads that
     already run keep their own arenas, and then nothing changes. The price is that the process
     holds on to the largest amount of memory it has used (as PyTorch's GPU caching allocator
-    does), and threads share one ``malloc`` arena (compiling is about 10% slower). Does nothing, and returns False, with the
-    workarounds switched off (:data:`ENABLED`) or without glibc (macOS, musl).
+    does), and threads share one ``malloc`` arena (compiling is about 10% slower). Does
+    nothing, and returns False, with the workarounds switched off (:data:`ENABLED`) or without
+    glibc (macOS, musl).
     """
     if not ENABLED:
         return False

@@ -250,7 +250,7 @@ def _global_avg_pool_bwd(x, dz):
                              shape),)
 
 
-_global_avg_pool_manual.defvjp(*_windows.apart(_global_avg_pool_fwd, _global_avg_pool_bwd, 0))
+_windows.defvjp_apart(_global_avg_pool_manual, _global_avg_pool_fwd, _global_avg_pool_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -293,7 +293,7 @@ def _global_max_pool_bwd(ties: str, x, dz):
     return (dx.reshape(x.shape),)
 
 
-_global_max_pool_manual.defvjp(*_windows.apart(_global_max_pool_fwd, _global_max_pool_bwd, 1))
+_windows.defvjp_apart(_global_max_pool_manual, _global_max_pool_fwd, _global_max_pool_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -351,7 +351,7 @@ def _adaptive_avg_pool_bwd(windows, _, dz):
     return (dx.astype(dz.dtype),)
 
 
-_adaptive_avg_pool_manual.defvjp(*_windows.apart(_adaptive_avg_pool_fwd, _adaptive_avg_pool_bwd, 1))
+_windows.defvjp_apart(_adaptive_avg_pool_manual, _adaptive_avg_pool_fwd, _adaptive_avg_pool_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -421,4 +421,4 @@ def _scatter_windows(g, windows, x_shape):
     return dx.astype(g.dtype)
 
 
-_adaptive_max_pool_manual.defvjp(*_windows.apart(_adaptive_max_pool_fwd, _adaptive_max_pool_bwd, 2))
+_windows.defvjp_apart(_adaptive_max_pool_manual, _adaptive_max_pool_fwd, _adaptive_max_pool_bwd)

@@ -168,7 +168,7 @@ def _conv_bwd(cfg: WindowConfig, groups: int, res, dz):
     return dx.astype(x.dtype), dk.astype(kernel.dtype), None if db is None else db.astype(dz.dtype)
 
 
-_conv_manual.defvjp(*_windows.apart(_conv_fwd, _conv_bwd, 2))
+_windows.defvjp_apart(_conv_manual, _conv_fwd, _conv_bwd)
 
 
 def _conv_input_grad(dz, kernel, x_shape, cfg: WindowConfig, groups: int):
@@ -338,4 +338,4 @@ def _conv_transpose_bwd(cfg: WindowConfig, groups: int, x_shape, res, dx):
     return dy.astype(y.dtype), dk.astype(kernel.dtype), None if db is None else db.astype(dx.dtype)
 
 
-_conv_transpose_manual.defvjp(*_windows.apart(_conv_transpose_fwd, _conv_transpose_bwd, 3))
+_windows.defvjp_apart(_conv_transpose_manual, _conv_transpose_fwd, _conv_transpose_bwd)

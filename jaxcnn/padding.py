@@ -179,4 +179,4 @@ def _place(piece, axis: int, start: int, n: int):
     return lax.pad(piece, jnp.zeros((), piece.dtype), config)
 
 
-_pad_manual.defvjp(*_windows.apart(_pad_fwd, _pad_bwd, 2))
+_windows.defvjp_apart(_pad_manual, _pad_fwd, _pad_bwd)

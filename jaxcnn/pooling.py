@@ -130,18 +130,16 @@ def _avg_pool_jit(x, *, pc, counted, impl):
     return _avg_pool_manual_path(x, pc, counted)
 
 
+# A mode padding is a manual layer of its own (``jaxcnn.padding._pad_manual`` runs apart):
+# XLA:CPU otherwise fuses its concatenates into every tap of the pooling and its backward.
+
+
 def _max_pool_manual_path(x, pc: PoolConfig, ties: str):
-    return _max_pool_manual(_mode_pad_layer(x, pc), pc.win, ties)
+    return _max_pool_manual(mode_pad(x, pc, "manual"), pc.win, ties)
 
 
 def _avg_pool_manual_path(x, pc: PoolConfig, counted):
-    return _avg_pool_manual(_mode_pad_layer(x, pc), pc.win, counted)
-
-
-def _mode_pad_layer(x, pc: PoolConfig):
-    """The manual mode padding, a layer of its own (``jaxcnn.padding._pad_manual`` runs apart:
-    XLA:CPU otherwise fuses the concatenates into every tap of the pooling and its backward)."""
-    return mode_pad(x, pc, "manual")
+    return _avg_pool_manual(mode_pad(x, pc, "manual"), pc.win, counted)
 
 
 def mode_pad(x, pc: PoolConfig, impl: str):
@@ -377,7 +375,7 @@ def _disjoint_view(xp, cfg: WindowConfig, out):
     return crop.reshape(_windows.windowed_shape((n, *out, c), cfg))
 
 
-_max_pool_manual.defvjp(*_windows.apart(_max_pool_fwd, _max_pool_bwd, 2))
+_windows.defvjp_apart(_max_pool_manual, _max_pool_fwd, _max_pool_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -421,4 +419,4 @@ def _avg_pool_bwd(cfg: WindowConfig, counted, x, dz):
                                   dz.shape[1:-1]).astype(dz.dtype),)
 
 
-_avg_pool_manual.defvjp(*_windows.apart(_avg_pool_fwd, _avg_pool_bwd, 2))
+_windows.defvjp_apart(_avg_pool_manual, _avg_pool_fwd, _avg_pool_bwd)
