@@ -203,20 +203,37 @@ def plan(x_shape, k_shape, cfg: WindowConfig, groups: int, itemsize: int, *,
     else:
         rows = max(1, budget // bytes_row)
     if rows >= out[0]:
-        n_tiles = -(-n // max(1, rows // out[0]))
-        tiles = Plan(-(-n // n_tiles), n_tiles, out[0], 1, split, chunk, n_chunks, "matmul")
+        n_tile, n_tiles = _cut(n, rows // out[0])
+        tiles = Plan(n_tile, n_tiles, out[0], 1, split, chunk, n_chunks, "matmul")
     else:
-        r_tiles = -(-out[0] // rows)
-        tiles = Plan(1, n, -(-out[0] // r_tiles), r_tiles, split, chunk, n_chunks, "matmul")
+        r_tile, r_tiles = _cut(out[0], rows)
+        tiles = Plan(1, n, r_tile, r_tiles, split, chunk, n_chunks, "matmul")
     tiles = tiles._replace(patch=_patch_kind(cfg, c_in, tiles))
     costs = _fold_bytes(x_shape, k_shape, cfg, groups, out,
                         gathered=tiles.patch == "gather") if fold else None
     if costs is not None and costs[1] < costs[0]:
         per_image, fold_budget = costs[2] * itemsize, _xla_cpu.tile_bytes(folded=True)
         if fold_budget is None or per_image <= fold_budget:
-            n_tiles = 1 if fold_budget is None else -(-n // max(1, fold_budget // per_image))
-            return Plan(-(-n // n_tiles), n_tiles, out[0], 1, -1, 1, 1, "fold")
+            n_tile, n_tiles = (n, 1) if fold_budget is None else _cut(n, fold_budget // per_image)
+            return Plan(n_tile, n_tiles, out[0], 1, -1, 1, 1, "fold")
     return tiles
+
+
+def _cut(count: int, fit: int):
+    """``(size, pieces)``: ``count`` images (or rows) cut into pieces of at most ``fit``
+    (at least 1). A divisor of ``count`` is taken where one at least half as large as ``fit``
+    exists, so that nothing is padded: the zero images of a padded last tile cost a copy of
+    the whole input and of ``dZ`` (``lax.pad``), and of ``Z`` (the crop). Measured, the kernel
+    gradient of 5x5 8->32 at batch 32: 7 tiles of 5 images (3 padded) 6.3 ms, 8 tiles of 4
+    4.6 ms. Otherwise the pieces are balanced, the last one padded by less than one piece."""
+    fit = max(1, fit)
+    if fit >= count:
+        return count, 1
+    divisors = [d for d in range(fit, 0, -1) if count % d == 0 and 2 * d >= fit]
+    if divisors:
+        return divisors[0], count // divisors[0]
+    pieces = -(-count // fit)
+    return -(-count // pieces), pieces
 
 
 def _patch_kind(cfg: WindowConfig, c_in: int, p: Plan) -> str:
@@ -280,9 +297,8 @@ def _blocks(window, c_in, block_width, row_width):
 
     The last dim is cut only when one row is wider than ``row_width``; going outwards, a dim
     is taken whole while the block stays within ``block_width``, else cut into chunks
-    of the rows that fit. Chunk sizes divide the dim where a divisor at least half as large
-    as the fit exists; otherwise the chunks are balanced and the last one padded with zero
-    taps (waste below one tap per chunk).
+    of the rows that fit (:func:`_cut`: a divisor of the dim where one is at least half as
+    large as the fit; otherwise balanced chunks, the last one padded with zero taps).
     """
     inner, nd = 1, len(window)
     for q in reversed(range(nd)):
@@ -292,9 +308,7 @@ def _blocks(window, c_in, block_width, row_width):
             inner *= k
             continue
         fit = max(1, limit // (inner * c_in))
-        divisors = [d for d in range(1, fit + 1) if k % d == 0 and 2 * d >= fit]
-        chunk = max(divisors) if divisors else -(-k // -(-k // fit))
-        return q, chunk, -(-k // chunk)
+        return (q, *_cut(k, fit))
     return -1, 1, 1
 
 

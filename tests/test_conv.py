@@ -193,6 +193,11 @@ ENGINE_CASES = {
     "folded form, image tiles": ((5, 7, 7, 16), (3, 3, 16, 8), dict(padding="SAME"), "fold", 2),
     "folded form, last-dim stride and dilation": ((3, 8, 11, 16), (2, 3, 16, 6),
                                                   dict(stride=(1, 2), dilation=(2, 1)), "fold", 2),
+    # A batch with no divisor near the tile's fit (7 images, 3 or 4 per tile): the last tile
+    # is padded with zero images (_cut).
+    "folded form, padded image tiles": ((7, 4, 5, 8), (3, 3, 8, 4), dict(padding="SAME"),
+                                        "fold", 2),
+    "patch matrix, padded image tiles": ((7, 6, 6, 8), (2, 2, 8, 80), {}, "matmul", 2),
     # One tile, with a stride in the last dim or a single tap: the patch is cut as slices of
     # the input's phase view (_patch_slices) instead of gathered.
     "patch as slices, stride and uneven padding": ((1, 7, 9, 12), (3, 3, 12, 10),
@@ -233,6 +238,18 @@ def small_tiles(monkeypatch):
 @pytest.mark.parametrize("name", sorted(ENGINE_CASES))
 def test_every_formulation_of_the_engine(name):
     _check_engine_case(name)
+
+
+@pytest.mark.parametrize("count, fit, cut", [
+    (32, 5, (4, 8)),      # a divisor at least half the fit: no padded images
+    (128, 12, (8, 16)),
+    (7, 4, (4, 2)),       # no such divisor: balanced, the last piece padded by one
+    (7, 3, (3, 3)),
+    (7, 7, (7, 1)), (7, 100, (7, 1)), (5, 0, (1, 5)),
+])
+def test_tiles_divide_the_batch_where_they_can(count, fit, cut):
+    from jaxcnn import _patches
+    assert _patches._cut(count, fit) == cut
 
 
 @pytest.mark.usefixtures("x64", "small_tiles")
