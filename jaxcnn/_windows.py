@@ -23,9 +23,11 @@ Arrays are channels-last, batch first: ``(N, *spatial, C)``.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
@@ -230,6 +232,42 @@ def fold_taps(xp, cfg: WindowConfig, out: Sequence[int], body, init):
             carry = body(carry, t, tap)
         return carry
     return lax.fori_loop(0, n_taps, lambda t, c: body(c, t, dynamic_tap(xp, cfg, out, t)), init)
+
+
+SEPARABLE = True
+"""Whether :func:`reduce_taps` runs dim by dim (the switch for measuring it)."""
+
+
+def reduce_taps(xp, cfg: WindowConfig, out: Sequence[int], op, identity):
+    """``Z_i = op_m Xpad[i * s + m * d]`` over the window (``op`` associative and commutative:
+    ``max`` or ``+``; ``identity`` its neutral element) of the padded ``xp``.
+
+    A box window is separable: ``op`` over ``m = (m_1, .., m_nd)`` is ``op`` over ``m_nd`` of
+    ... ``op`` over ``m_1``, so the window is reduced one dim at a time, each dim a 1-D window
+    with its own stride and dilation (:func:`fold_taps` on it): ``Σ_q k_q`` taps read instead of
+    ``Π_q k_q``, with an intermediate written per dim. That pays where the window has more
+    taps than :data:`UNROLL_TAPS` (where the product form loops over the taps, each a dynamic
+    slice) and costs a pass where it has few: there the taps are written out and fused into one
+    loop over the output. Measured forward, manual/lax, product form -> by dims (one
+    interleaved run): avg_pool 3x3x3 s2 on 16^3x8 at batch 32 1.82 -> 0.31, max_pool 7x7 s2
+    SAME on 32x32x16 at batch 32 0.53 -> 0.13, avg_pool 5x5 on 30x30x16 at batch 8 1.01 ->
+    0.14; on windows of at most 16 taps (3x3, 2x2x2) by dims moved 0.15-0.51 by -20% to +20%,
+    within the noise, so the product form stays there."""
+    n_taps = math.prod(cfg.window)
+    if not SEPARABLE or n_taps <= UNROLL_TAPS or cfg.ndim == 1:
+        init = jnp.full((xp.shape[0], *out, xp.shape[-1]), identity, xp.dtype)
+        return fold_taps(xp, cfg, out, lambda z, t, tap: op(z, tap), init)
+    z, nd = xp, cfg.ndim
+    for q in reversed(range(nd)):
+        if cfg.window[q] == 1 and cfg.stride[q] == 1 and z.shape[1 + q] == out[q]:
+            continue
+        one = lambda v, a, q=q: tuple(v if i == q else a for i in range(nd))   # noqa: E731
+        dim = WindowConfig(one(cfg.window[q], 1), one(cfg.stride[q], 1), ((0, 0),) * nd,
+                           one(cfg.dilation[q], 1))
+        size = tuple(out[i] if i == q else z.shape[1 + i] for i in range(nd))
+        init = jnp.full((z.shape[0], *size, z.shape[-1]), identity, z.dtype)
+        z = fold_taps(z, dim, size, lambda c, t, tap: op(c, tap), init)
+    return z
 
 
 def _tap_start(cfg: WindowConfig, t):

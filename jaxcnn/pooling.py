@@ -296,8 +296,7 @@ def _max_pool_manual_forward(x, cfg: WindowConfig):
     """``Z_i = max_m Xpad[i * s + m * d]`` over the window's taps, ``-inf`` padding."""
     xp = _windows.pad(x, cfg.padding, value=-jnp.inf)
     out = _windows.out_shape(x.shape, cfg)
-    init = jnp.full((x.shape[0], *out, x.shape[-1]), -jnp.inf, x.dtype)
-    return _windows.fold_taps(xp, cfg, out, lambda z, t, tap: jnp.maximum(z, tap), init)
+    return _windows.reduce_taps(xp, cfg, out, jnp.maximum, -jnp.inf)
 
 
 def _max_pool_fwd(x, cfg, ties):
@@ -389,8 +388,7 @@ def _avg_pool_manual_forward(x, cfg: WindowConfig, counted):
     acc = _windows.accum_dtype(x.dtype)
     xp = _windows.pad(x.astype(acc), cfg.padding)
     out = _windows.out_shape(x.shape, cfg)
-    s = _windows.fold_taps(xp, cfg, out, lambda s, t, tap: s + tap,
-                           jnp.zeros((x.shape[0], *out, x.shape[-1]), acc))
+    s = _windows.reduce_taps(xp, cfg, out, jnp.add, 0)
     return (s / _window_counts(x.shape, cfg, counted)).astype(x.dtype)
 
 

@@ -102,17 +102,44 @@ def test_pool_grid_new_arguments(kind, nd, window, arguments, dtype):
     compare_impls(op, (x,), dtype)
 
 
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("kind,x_shape,window,arguments", [
+    ("avg_exclude", (2, 7, 8, 6, 3), 3, dict(stride=(2, 1, 3), padding=1, ceil_mode=True)),
+    ("max", (1, 11, 9, 2), (5, 4), dict(stride=(2, 1), dilation=(1, 2), padding="SAME")),
+    ("avg", (2, 9, 10, 2), (1, 17), dict(stride=(3, 1), padding=((0, 0), (8, 8)))),
+])
+def test_windows_past_the_unroll_reduce_dim_by_dim(kind, x_shape, window, arguments):
+    """Above UNROLL_TAPS taps the forward reduces one dim at a time (_windows.reduce_taps):
+    its own stride, dilation and window per dim, ceil mode and the padding-excluded counts;
+    a dim of 17 taps runs its own loop, a dim of 1 with a stride still strides."""
+    window_taps = np.prod(np.broadcast_to(window, (len(x_shape) - 2,)))
+    assert window_taps > _windows.UNROLL_TAPS
+    x = unique_values(x_shape, seed=4, step=1 / 7.0)
+
+    def op(x, impl):
+        if kind == "max":
+            return jc.max_pool(x, window, impl=impl, **arguments)
+        return jc.avg_pool(x, window, impl=impl, count_include_pad=(kind == "avg"),
+                           **arguments)
+
+    compare_impls(op, (x,), "float64")
+
+
 def test_large_windows_do_not_grow_the_program():
-    # Above UNROLL_TAPS taps the per-tap work runs in a loop: a 9x9 window's program is no
-    # larger than a 5x5 one's (written out, it would be 81 / 25 times one tap's code).
+    # Above UNROLL_TAPS taps the backward's per-tap work runs in a loop, and the forward reduces
+    # one dim at a time (_windows.reduce_taps), each dim's taps written out up to UNROLL_TAPS
+    # and looped above. So a 9x9 window's program grows by the 8 more taps of its two dims
+    # over a 5x5 one's (written out tap by tap, it would be 81 / 25 times one tap's code), and
+    # past UNROLL_TAPS per dim it does not grow at all.
     def size(window):
-        x = jax.ShapeDtypeStruct((1, 12, 12, 1), np.float32)
+        x = jax.ShapeDtypeStruct((1, 40, 40, 1), np.float32)
         loss = lambda x: jnp.sum(jc.max_pool(x, window, stride=1, ties="split",  # noqa: E731
                                              impl="manual"))
         return len(str(jax.make_jaxpr(jax.grad(loss))(x)))
 
-    assert 5 * 5 > _windows.UNROLL_TAPS
-    assert size(9) <= 1.05 * size(5)
+    assert 5 * 5 > _windows.UNROLL_TAPS and 17 > _windows.UNROLL_TAPS
+    assert size(9) <= 1.2 * size(5)
+    assert size(33) <= 1.05 * size(17)
 
 
 # --------------------------------------------------------------------------------------------
