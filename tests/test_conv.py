@@ -240,6 +240,44 @@ def test_every_formulation_of_the_engine(name):
     _check_engine_case(name)
 
 
+# Long 1-D windows: the kernel gradient as a 2-D folded one on overlapping frames of the input
+# (_patches._kernel_grad_framed). The first two the cost model frames itself; the others are
+# framed by force: uneven padding, an output and a window that are not multiples of the block,
+# a block of 2, one channel in.
+FRAMED_CASES = [
+    ((1, 200, 4), (65, 4, 4), "SAME", None),
+    ((2, 120, 8), (33, 8, 8), ((5, 9),), None),
+    ((2, 23, 3), (10, 3, 5), ((4, 1),), (4, 3)),
+    ((1, 19, 1), (7, 1, 2), "VALID", (2, 4)),
+    ((3, 16, 2), (9, 2, 3), ((0, 8),), (3, 3)),
+]
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("case", range(len(FRAMED_CASES)))
+def test_framed_kernel_gradient_of_long_1d_windows(case, monkeypatch):
+    from jaxcnn import _patches
+
+    x_shape, k_shape, padding, forced = FRAMED_CASES[case]
+    cfg = _shapes.conv_config(x_shape, k_shape, None, stride=1, padding=padding, dilation=1,
+                              groups=1)
+    if forced is None:
+        assert _patches._framing(x_shape, k_shape, cfg, 1) is not None
+    else:
+        assert _patches._framing(x_shape, k_shape, cfg, 1) is None
+        monkeypatch.setattr(_patches, "_framing",         # the 1-D call, not the 2-D one
+                            lambda x_shape, *args: forced if len(x_shape) == 3 else None)
+    rng = np.random.default_rng(case)
+    x, k = rng.normal(size=x_shape), rng.normal(size=k_shape)
+    z_ref, vjp = jax.vjp(lambda k: jc.conv(x, k, padding=padding, impl="lax"), k)
+    dz = rng.normal(size=z_ref.shape)
+    dk = jax.jit(lambda x, dz: _patches.kernel_grad(x, dz, k_shape, cfg, 1))(x, dz)
+    assert_close(dk, vjp(dz)[0], "float64", "dK")
+    # and through the layer's own backward, input gradient included
+    compare_impls(lambda x, k, impl: jc.conv(x, k, padding=padding, impl=impl), (x, k),
+                  "float64")
+
+
 @pytest.mark.parametrize("count, fit, cut", [
     (32, 5, (4, 8)),      # a divisor at least half the fit: no padded images
     (128, 12, (8, 16)),
