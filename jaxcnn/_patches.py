@@ -935,9 +935,8 @@ def _kernel_grad_fold(x, dz, k_shape, cfg: WindowConfig, p: Plan, acc):
             return dk + jnp.matmul(patch.T, dy, preferred_element_type=acc)
 
         dk = _loop(p.n_tiles, tile, jnp.zeros((width, f * co), acc))
-        # dY's column block a' is outer tap t - 1 - a' (per dim): flip it back.
-        dk = dk.reshape(width, *(t for _, t, _ in dims), co)
-        dk = lax.rev(dk, tuple(range(1, len(dims) + 1))).reshape(width, f * co)
+        # dY's column block a' is outer tap f - 1 - a' (the taps lie along one dim): flip it.
+        dk = lax.rev(dk.reshape(width, f, co), (1,)).reshape(width, f * co)
         return _unfold_kernel(dk, k_shape, cfg)
     dzp = _pad_batch(dz, p.n_tiles * p.n_tile)
 
