@@ -831,10 +831,14 @@ def _fold_setup(x, cfg: WindowConfig, p: Plan):
     width = (out[-1] - 1) * cfg.stride[-1] + (cfg.window[-1] - 1) * cfg.dilation[-1] + 1
     need = (*((v - 1) * st + w for v, st, (w, _, _) in zip(span, cfg.stride, dims)), width)
     g = _Geometry(rows, row.window, row.window, (p.n_tile, *rows), need, None)
-    xp = pad(x, tuple((lo, v - n - lo) if q < nd - 1 else (lo, max(hi, v - n - lo))
-                      for q, ((lo, hi), n, v) in enumerate(zip(cfg.padding, x.shape[1:-1],
-                                                               need))))
-    return _pad_batch(xp, p.n_tiles * p.n_tile), row, rp, g, out, span
+    pads = tuple((lo, v - n - lo) if q < nd - 1 else (lo, max(hi, v - n - lo))
+                 for q, ((lo, hi), n, v) in enumerate(zip(cfg.padding, x.shape[1:-1], need)))
+    batch = p.n_tiles * p.n_tile
+    xp = x
+    if batch != x.shape[0] or any(lo or hi for lo, hi in pads):
+        # Gathered in tiles: written out first, as in _pad_input.
+        xp = _xla_cpu.materialize(lambda x: _pad_batch(pad(x, pads), batch), x)
+    return xp, row, rp, g, out, span
 
 
 def _fold_taps(cfg: WindowConfig):
@@ -973,9 +977,9 @@ def _dz_windows(dz, dims, p: Plan, out):
     and channels are contiguous (``t · C_out`` numbers)."""
     nd, co = len(out), dz.shape[-1]
     taps = tuple(t for _, t, _ in dims)
-    dzt = pad(_pad_batch(dz, p.n_tiles * p.n_tile),
-              tuple((t - 1, t - 1) for t in taps) + ((0, 0),))
-    dzt = _xla_cpu.materialize(lambda a: jnp.moveaxis(a, nd, 1), dzt)
+    dzt = _xla_cpu.materialize(lambda a: jnp.moveaxis(pad(
+        _pad_batch(a, p.n_tiles * p.n_tile), tuple((t - 1, t - 1) for t in taps) + ((0, 0),)),
+        nd, 1), dz)
     view = dzt.reshape(*dzt.shape[:-2], dzt.shape[-2] * co)
     rows = (p.n_tile, out[-1], *(o + t - 1 for o, t in zip(out[:-1], taps)))
     starts = jnp.stack([lax.broadcasted_iota(jnp.int32, rows, q) * (co if q == nd else 1)

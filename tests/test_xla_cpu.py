@@ -1,17 +1,27 @@
-"""jaxcnn._xla_cpu: the workarounds that change more than how one program is scheduled.
+"""jaxcnn._xla_cpu: the workarounds that change more than how one program is scheduled, and
+what the compiled program of the others holds (a workaround that XLA optimizes away is a
+compile or run time lost in silence).
 
-(The conditionals that isolate and order the manual ops are tested with the ops they serve,
-in test_conv.py.)
+(That the conditionals which isolate and order the manual ops keep every result is tested
+with the ops they serve, in test_conv.py.)
 """
 
 from __future__ import annotations
 
 import ctypes
+import re
 import subprocess
 import sys
 import textwrap
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+
+from jaxcnn import _xla_cpu
+
+on_cpu = pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU workarounds")
 
 # In a fresh process (the setting is for the whole process, and holds only where it is made
 # before JAX starts): allocate, touch and free 64 MiB twice; print the page faults of the
@@ -62,3 +72,60 @@ def test_reuse_host_memory_does_nothing_with_the_workarounds_off(monkeypatch):
     monkeypatch.setattr(_xla_cpu, "ENABLED", False)
     monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: pytest.fail("libc was called"))
     assert _xla_cpu.reuse_host_memory() is False
+
+
+def _kernels(f, *args) -> list[str]:
+    """The computations of ``f``'s compiled program, as text (one per fused kernel, branch,
+    loop body...)."""
+    return re.split(r"\n(?=%)", f.lower(*args).compile().as_text())
+
+
+@on_cpu
+def test_the_branch_that_never_runs_returns_a_spare_and_compiles_no_zeros(monkeypatch):
+    """after()'s other branch returns an argument or ``spare`` of the output's shape and dtype
+    (a copy: no kernel to compile), and zeros (a kernel) only where there is none."""
+    monkeypatch.setattr(_xla_cpu, "ENABLED", True)
+    x, y, t = np.arange(6, dtype=np.float32), np.ones((2, 3), np.float32), np.ones(2, np.float32)
+    op = lambda x: jnp.sin(x).reshape(2, 3)                            # noqa: E731
+    spared = jax.jit(lambda t, x, y: _xla_cpu.after(t, op, x, spare=(y,)))
+    bare = jax.jit(lambda t, x: _xla_cpu.after(t, op, x))
+    np.testing.assert_allclose(spared(t, x, y), np.sin(x).reshape(2, 3), rtol=1e-6)
+    assert not any("broadcast(" in k for k in _kernels(spared, t, x, y))
+    assert any("broadcast(" in k for k in _kernels(bare, t, x))         # the test can fail
+
+
+def _pad_and_move(a):
+    return jnp.moveaxis(jnp.pad(a, ((0, 0), (1, 2), (0, 0))), 1, 2)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int32, np.bool_])
+def test_materialize_returns_what_its_op_returns(dtype, monkeypatch):
+    """Bit for bit, NaN, infinities and -0 included (on CPU the op reads its input times an
+    opaque 1), and its gradient is the op's."""
+    monkeypatch.setattr(_xla_cpu, "ENABLED", True)
+    x = (np.arange(24).reshape(2, 3, 4) % 3).astype(dtype)
+    if np.issubdtype(dtype, np.floating):
+        x[0, 0, :3] = [np.nan, -np.inf, -0.0]
+    out = np.asarray(jax.jit(lambda a: _xla_cpu.materialize(_pad_and_move, a))(x))
+    want = np.asarray(_pad_and_move(x))
+    assert out.dtype == want.dtype
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(np.signbit(out), np.signbit(want))
+    if np.issubdtype(dtype, np.floating):
+        w = np.random.default_rng(0).normal(size=want.shape).astype(np.float32)
+        grad = jax.grad(lambda a: jnp.sum(_xla_cpu.materialize(_pad_and_move, a) * w))
+        np.testing.assert_array_equal(grad(np.zeros(x.shape, np.float32)),
+                                      jax.grad(lambda a: jnp.sum(_pad_and_move(a) * w))(
+                                          np.zeros(x.shape, np.float32)))
+
+
+@on_cpu
+def test_a_materialized_padding_is_compiled_with_a_product_not_alone(monkeypatch):
+    """XLA:CPU compiles a padding that is a kernel of its own slowly and runs it slowly (see
+    the module docstring): the kernel that pads also multiplies."""
+    monkeypatch.setattr(_xla_cpu, "ENABLED", True)
+    x = np.ones((8, 14, 14, 16), np.float32)
+    f = jax.jit(lambda a: _xla_cpu.materialize(
+        lambda a: jnp.pad(a, ((0, 0), (1, 1), (1, 1), (0, 0))), a) * 2)
+    pads = [k for k in _kernels(f, x) if " pad(" in k]
+    assert pads and all(" multiply(" in k for k in pads), pads
