@@ -41,13 +41,12 @@ What they work around, measured on a 2-core x86-64 VM with jax/jaxlib 0.10.2:
   f32[128,14,14,64] by one row and column on each side compiled in 0.20-0.26 s and ran in
   1.6-2.7 ms; the same padding of ``x · 1``, the 1 hidden behind an optimization barrier,
   compiled in 0.06-0.08 s and ran in 0.43-0.65 ms. So :func:`materialize` runs its op on
-  ``x · 1``, and the branch of each conditional that never runs returns an argument of the
-  right shape where there is one (a copy, no kernel), or repeats :func:`materialize`'s one
-  kernel (compiled once for both branches), instead of zeros (a kernel per shape). Compile
-  time of forward+backward, the least of 5, manual (lax), before -> after: 3x3 32->64 at
-  14x14, batch 128, 0.41 -> 0.23 s (0.08-0.12); 3x3 64->64 stride 2 dilation 2 0.42 ->
-  0.22 s (0.08-0.10); 1-D 33 depthwise 0.28 -> 0.21 s (0.06-0.08); LeNet-5's 5x5 1->6 0.16
-  -> 0.15 s (0.07-0.09). Run times unchanged within the noise.
+  ``x · 1``, and the branch of its conditional that never runs repeats that one kernel
+  (compiled once for both branches) instead of returning zeros (a kernel per shape). Compile
+  time of forward+backward, the least of 5, manual (lax), before -> after, in one session:
+  3x3 32->64 at 14x14, batch 128, 0.39 -> 0.28 s (0.08); 3x3 64->64 stride 2 dilation 2
+  0.34 -> 0.28 s (0.08-0.11); 1-D 33 depthwise 0.24 -> 0.22 s (0.06-0.08); LeNet-5's 5x5
+  1->6 0.20 -> 0.19 s (0.07-0.10). Run times unchanged within the noise.
 - :func:`after`. XLA:CPU runs operations that do not depend on each other at the same
   time. A convolution's kernel gradient and input gradient both depend only on ``dZ`` (and
   ``X``, ``K``), so each ran beside the other, the two sharing the 2 cores and each other's
@@ -146,44 +145,35 @@ def isolate(op, *args, twin=False):
     return _always(probe[0], op, *args, twin=twin)
 
 
-def after(token, op, *args, spare=()):
+def after(token, op, *args):
     """``op(*args)``, started only once ``token`` (an array) is computed: on CPU, the branch of
     a conditional whose predicate reads one element of ``token`` (see the module docstring);
-    a plain call elsewhere. ``spare``: arrays of the shapes and dtypes ``op`` returns, where
-    the caller has them, for the branch that never runs (:func:`_always`)."""
+    a plain call elsewhere."""
     if not active() or not getattr(token, "size", 0):
         return op(*args)
     probe = jnp.ravel(token)[0]
-    return _always(probe, op, *args, spare=spare)
+    return _always(probe, op, *args)
 
 
-def _always(probe, op, *args, spare=(), twin=False):
+def _always(probe, op, *args, twin=False):
     """``op(*args)`` as the branch of ``lax.cond`` on ``probe == probe or probe != probe``:
     always true (NaN too), but not constant to the compiler.
 
-    The other branch never runs, but XLA compiles it, and each kernel costs compile time (see
-    the module docstring). So for each output it returns an argument (or a ``spare``) of the
-    same shape and dtype where there is one (a copy, no kernel), zeros otherwise (a kernel
-    per shape); with ``twin``, it runs ``op`` itself, whose kernels XLA compiles once for
-    both branches (for an ``op`` that is one kernel, whose output is no argument's shape).
+    The other branch never runs, but XLA compiles it: it returns zeros (a kernel per output
+    shape), or with ``twin`` it runs ``op`` itself, whose kernels XLA compiles once for both
+    branches (for an ``op`` that is one kernel). Returning one of ``args`` instead, where the
+    shapes match, compiles no kernel but made XLA copy that argument before the conditional
+    on every run (its output may then be the argument's buffer).
     """
     always = (probe == probe) | (probe != probe)
     # op is traced once, to a jaxpr that gives the branch and the other branch's shapes.
     closed, out_shape = jax.make_jaxpr(op, return_shape=True)(*args)
     out_tree, run = jax.tree_util.tree_structure(out_shape), jax_core.jaxpr_as_fun(closed)
-    branch = lambda a, s: jax.tree_util.tree_unflatten(               # noqa: E731
+    branch = lambda *a: jax.tree_util.tree_unflatten(                 # noqa: E731
         out_tree, run(*jax.tree_util.tree_leaves(a)))
-    other = branch if twin else (lambda a, s: _stand_in(out_shape, (a, s)))
-    return lax.cond(always, branch, other, args, tuple(spare))
-
-
-def _stand_in(out_shape, arrays):
-    """Per leaf of ``out_shape``: a leaf of ``arrays`` of its shape and dtype, else zeros."""
-    have = {(a.shape, a.dtype): a for a in reversed(jax.tree_util.tree_leaves(arrays))
-            if hasattr(a, "shape")}
-    return jax.tree_util.tree_map(
-        lambda s: have[s.shape, s.dtype] if (s.shape, s.dtype) in have
-        else jnp.zeros(s.shape, s.dtype), out_shape)
+    zeros = lambda *a: jax.tree_util.tree_map(                       # noqa: E731
+        lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+    return lax.cond(always, branch, branch if twin else zeros, *args)
 
 
 def materialize(op, *args):

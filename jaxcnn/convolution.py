@@ -126,10 +126,8 @@ def _add_bias(z, bias, dtype):
 
 
 def _conv_fwd(x, kernel, bias, cfg, groups):
-    """The forward, keeping only ``X``, ``K`` and ``B`` (the patches are rebuilt, tile by tile;
-    ``B``, which the backward does not read, is a stand-in for ``dB`` in the branch that never
-    runs: :func:`jaxcnn._xla_cpu.isolate`)."""
-    return _conv_manual_forward(x, kernel, bias, cfg, groups), (x, kernel, bias)
+    """The forward, keeping only ``X`` and ``K`` (the patches are rebuilt, tile by tile)."""
+    return _conv_manual_forward(x, kernel, bias, cfg, groups), (x, kernel, bias is not None)
 
 
 def _conv_bwd(cfg: WindowConfig, groups: int, res, dz):
@@ -160,13 +158,13 @@ def _conv_bwd(cfg: WindowConfig, groups: int, res, dz):
     after ``dK`` is done (:func:`jaxcnn._xla_cpu.after`: on CPU the two ran side by side and
     slowed each other down more than twofold).
     """
-    x, kernel, bias = res
+    x, kernel, has_bias = res
     dk = _patches.kernel_grad(x, dz, kernel.shape, cfg, groups)
     db = None
-    if bias is not None:
+    if has_bias:
         db = jnp.sum(dz, axis=tuple(range(dz.ndim - 1)), dtype=_windows.accum_dtype(dz.dtype))
     dx = _xla_cpu.after(dk, lambda dz, kernel: _conv_input_grad(dz, kernel, x.shape, cfg,
-                                                                 groups), dz, kernel, spare=(x,))
+                                                                 groups), dz, kernel)
     return dx.astype(x.dtype), dk.astype(kernel.dtype), None if db is None else db.astype(dz.dtype)
 
 
@@ -310,7 +308,7 @@ def _conv_transpose_manual_forward(y, kernel, bias, cfg: WindowConfig, groups: i
 
 def _conv_transpose_fwd(y, kernel, bias, cfg, groups, x_shape):
     out = _conv_transpose_manual_forward(y, kernel, bias, cfg, groups, x_shape)
-    return out, (y, kernel, bias)   # bias: as in _conv_fwd
+    return out, (y, kernel, bias is not None)
 
 
 def _conv_transpose_bwd(cfg: WindowConfig, groups: int, x_shape, res, dx):
@@ -326,17 +324,16 @@ def _conv_transpose_bwd(cfg: WindowConfig, groups: int, x_shape, res, dx):
 
     ``dY`` starts after ``dK`` is done, as in :func:`_conv_bwd`.
     """
-    y, kernel, bias = res
+    y, kernel, has_bias = res
     extra = _shapes.transpose_extra_rows(y.shape, x_shape, cfg)
     dk = _patches.kernel_grad(dx, _windows.pad(y, tuple((0, e) for e in extra)), kernel.shape,
                               cfg, groups)
     dy = _xla_cpu.after(dk, lambda dx, kernel: _conv_manual_forward(dx, kernel, None, cfg,
-                                                                     groups), dx, kernel,
-                        spare=(y,))
+                                                                     groups), dx, kernel)
     if any(extra):
         dy = dy[(slice(None), *(slice(0, n) for n in y.shape[1:-1]))]
     db = None
-    if bias is not None:
+    if has_bias:
         db = jnp.sum(dx, axis=tuple(range(dx.ndim - 1)), dtype=_windows.accum_dtype(dx.dtype))
     return dy.astype(y.dtype), dk.astype(kernel.dtype), None if db is None else db.astype(dx.dtype)
 
