@@ -33,6 +33,7 @@ padding ``max((out - 1) * s + k_eff - n, 0)``, the odd extra unit at the end), a
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import NamedTuple, Sequence
 
@@ -266,6 +267,49 @@ def output_size(n: int, pad: tuple[int, int], eff_window: int, stride: int) -> i
 def output_spatial(spatial: Sequence[int], cfg: WindowConfig) -> tuple[int, ...]:
     return tuple(output_size(n, p, k, s) for n, p, k, s in
                  zip(spatial, cfg.padding, cfg.effective_window, cfg.stride))
+
+
+class Phase(NamedTuple):
+    """The input positions a convolution reads, where stride and dilation share a factor:
+    ``x[start : limit : step]`` per spatial dim, convolved with ``cfg``."""
+
+    start: tuple[int, ...]
+    limit: tuple[int, ...]
+    step: tuple[int, ...]
+    cfg: WindowConfig
+
+
+def conv_phase(spatial: Sequence[int], cfg: WindowConfig) -> Phase | None:
+    """Where a dim's stride ``s`` and dilation ``d`` share a factor ``g = gcd(s, d) > 1`` (and
+    the window has more than one tap), the convolution reads only every ``g``-th input
+    position along it: padded position ``i·s + m·d`` is a multiple of ``g``, so input position
+    ``i·s + m·d - lo`` is ``r + g·u`` with ``r = -lo mod g`` and ``u = i·(s/g) + m·(d/g) -
+    lo'``, ``lo' = (lo + r) / g``. So ``Z`` is the convolution of ``x[r::g]`` with stride
+    ``s/g``, dilation ``d/g`` and padding ``(lo', hi')``, ``hi'`` giving the same output size
+    (the input cut where it has more than that output reads). None where no dim has such a
+    factor, or where a dim would keep no input position (every tap reads padding)."""
+    if all(k == 1 or math.gcd(s, d) == 1 for k, s, d in
+           zip(cfg.window, cfg.stride, cfg.dilation)):
+        return None
+    out = output_spatial(spatial, cfg)
+    start, limit, step, stride, dilation, pads = [], [], [], [], [], []
+    for n, o, k, s, d, (lo, _) in zip(spatial, out, cfg.window, cfg.stride, cfg.dilation,
+                                      cfg.padding):
+        g = math.gcd(s, d) if k > 1 else 1
+        r = -lo % g
+        lo2, s2, d2 = (lo + r) // g, s // g, d // g
+        need = (o - 1) * s2 + (k - 1) * d2 + 1 - lo2     # input positions the output reads
+        n2 = min(-(-(n - r) // g), need)
+        if n2 <= 0:
+            return None
+        start.append(r)
+        limit.append(r + (n2 - 1) * g + 1)
+        step.append(g)
+        stride.append(s2)
+        dilation.append(d2)
+        pads.append((lo2, need - n2))
+    return Phase(tuple(start), tuple(limit), tuple(step),
+                 WindowConfig(cfg.window, tuple(stride), tuple(pads), tuple(dilation)))
 
 
 def pool_output_size(n: int, pad: tuple[int, int], eff_window: int, stride: int,

@@ -181,12 +181,14 @@ def materialize(op, *args):
     the module docstring); a plain call elsewhere. ``op`` is meant to be one pass over its
     input (a padding, a transpose): on CPU it reads ``args`` times an opaque 1, so that XLA
     fuses it with that product instead of compiling it alone."""
-    return isolate(lambda *a: op(*map(_unit_scale, a)), *args, twin=True)
+    return isolate(lambda *a: op(*map(unit_scale, a)), *args, twin=True)
 
 
-def _unit_scale(x):
-    """``x · 1``, the ``1`` opaque to the compiler (numbers only; ``x`` itself otherwise)."""
-    if not jnp.issubdtype(x.dtype, jnp.number):
+def unit_scale(x):
+    """On CPU ``x · 1``, the ``1`` opaque to the compiler (for numbers; ``x`` itself
+    otherwise): a padding, slice or transpose of it is compiled and run fused with the
+    product, not as a kernel of its own (see the module docstring). ``x`` elsewhere."""
+    if not active() or not jnp.issubdtype(x.dtype, jnp.number):
         return x
     return x * lax.optimization_barrier(jnp.ones((), x.dtype))
 

@@ -17,6 +17,14 @@ backward is the other two lines with the roles swapped: ``dY = A_K dX = dX ⋆ K
 forward) and ``dK_m = Σ_i dXpad_p · Y_i`` (conv's kernel gradient with ``X := dX``,
 ``dZ := Y``). So the three products of :mod:`jaxcnn._patches` serve both ops, and each op's
 backward calls the other op's forward.
+
+Where a dim's stride and dilation share a factor ``g`` (stride 2, dilation 2), ``p = i · s +
+m · d`` is a multiple of ``g``: the manual ``conv`` reads only every ``g``-th input position
+there, so it convolves those, ``x[r::g]``, with stride ``s/g`` and dilation ``d/g``
+(:func:`jaxcnn._shapes.conv_phase`): the same sums over ``g`` times less input per such dim.
+The slice's gradient (zeros between the positions read) is JAX's. Measured, 3x3 64->64
+stride 2 dilation 2 at 32x32, batch 32, manual / lax: forward 1.91 -> 0.80, forward+backward
+0.72 -> 0.37.
 """
 
 from __future__ import annotations
@@ -76,6 +84,11 @@ def _conv_jit(x, kernel, bias, *, cfg, groups, impl):
     bias = None if bias is None else bias.astype(dtype)
     if impl == "lax":
         return _conv_lax(x, kernel, bias, cfg, groups)
+    phase = _shapes.conv_phase(x.shape[1:-1], cfg)
+    if phase is not None:   # stride and dilation share a factor: read only what is read
+        x = lax.slice(_xla_cpu.unit_scale(x), (0, *phase.start, 0), (x.shape[0], *phase.limit, x.shape[-1]),
+                      (1, *phase.step, 1))
+        cfg = phase.cfg
     return _conv_manual(x, kernel, bias, cfg, groups)
 
 

@@ -157,6 +157,14 @@ SLOW_SHAPE_CASES = {
                                       dict(dilation=2, groups=2, padding="SAME")),
     "2-D 1x1 stride 2": ((2, 5, 6, 8), (1, 1, 8, 9), dict(stride=2)),
     "2-D depthwise 5x5 multiplier 2": ((1, 9, 9, 5), (5, 5, 1, 10), dict(groups=5, padding=2)),
+    # stride and dilation with a common factor: only every 2nd / 3rd input is read
+    "2-D 3x3 stride 2 dilation 2 SAME": ((2, 9, 8, 3), (3, 3, 3, 4),
+                                         dict(stride=2, dilation=2, padding="SAME")),
+    "2-D 3x3 stride (4, 1) dilation (2, 3), uneven padding": (
+        (1, 13, 7, 2), (3, 3, 2, 3), dict(stride=(4, 1), dilation=(2, 3),
+                                          padding=((1, 2), (0, 1)))),
+    "1-D 5 stride 6 dilation 3 groups 2": ((2, 31, 4), (5, 2, 4),
+                                           dict(stride=6, dilation=3, groups=2, padding=3)),
 }
 
 

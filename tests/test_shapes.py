@@ -46,6 +46,40 @@ def test_stride_remainder_and_backward_paddings():
     assert _shapes.conv_input_grad_padding((4,), wide) == ((-2, -2),)
 
 
+def _correlate_1d(x, w, cfg):
+    """``z_i = Σ_m xpad[i·s + m·d] w_m`` by the definition, in numpy."""
+    (lo, hi), = cfg.padding
+    xp = np.concatenate([np.zeros(lo), x, np.zeros(hi)])
+    out = _shapes.output_spatial((len(x),), cfg)[0]
+    return np.array([sum(xp[i * cfg.stride[0] + m * cfg.dilation[0]] * w[m]
+                         for m in range(len(w))) for i in range(out)])
+
+
+def test_a_conv_whose_stride_and_dilation_share_a_factor_reads_only_that_phase():
+    """conv_phase: x[start:limit:step] convolved with the new config gives the same output,
+    on every 1-D case up to n=11, k=4, s=6, d=6 and padding 4 on each side."""
+    rng = np.random.default_rng(0)
+    taken = 0
+    for n, k, s, d, lo, hi in itertools.product(range(1, 12), range(1, 5), range(1, 7),
+                                                range(1, 7), range(5), range(5)):
+        cfg = _shapes.WindowConfig((k,), (s,), ((lo, hi),), (d,))
+        if n + lo + hi < (k - 1) * d + 1:
+            continue
+        phase = _shapes.conv_phase((n,), cfg)
+        g = np.gcd(s, d) if k > 1 else 1
+        x, w = rng.normal(size=n), rng.normal(size=k)
+        if phase is None:   # no common factor, or every tap reads padding
+            assert g == 1 or not _correlate_1d(x, w, cfg).any(), (n, k, s, d, lo, hi)
+            continue
+        taken += 1
+        assert phase.step == (g,) and min(phase.cfg.padding[0]) >= 0
+        assert phase.cfg.stride == (s // g,) and phase.cfg.dilation == (d // g,)
+        np.testing.assert_allclose(
+            _correlate_1d(x[phase.start[0]:phase.limit[0]:phase.step[0]], w, phase.cfg),
+            _correlate_1d(x, w, cfg), err_msg=str((n, k, s, d, lo, hi)))
+    assert taken > 1000
+
+
 def test_to_tuple():
     assert _shapes.to_tuple("f", "stride", 2, 3) == (2, 2, 2)
     assert _shapes.to_tuple("f", "stride", (1, 2), 2) == (1, 2)
