@@ -86,8 +86,8 @@ def _conv_jit(x, kernel, bias, *, cfg, groups, impl):
         return _conv_lax(x, kernel, bias, cfg, groups)
     phase = _shapes.conv_phase(x.shape[1:-1], cfg)
     if phase is not None:   # stride and dilation share a factor: read only what is read
-        x = lax.slice(_xla_cpu.unit_scale(x), (0, *phase.start, 0), (x.shape[0], *phase.limit, x.shape[-1]),
-                      (1, *phase.step, 1))
+        x = lax.slice(_xla_cpu.unit_scale(x), (0, *phase.start, 0),
+                      (x.shape[0], *phase.limit, x.shape[-1]), (1, *phase.step, 1))
         cfg = phase.cfg
     return _conv_manual(x, kernel, bias, cfg, groups)
 

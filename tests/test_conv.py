@@ -392,6 +392,7 @@ def test_manual_conv_uses_no_lax_convolution_and_goes_through_the_custom_vjp():
     k = np.ones((3, 3, 2, 3), np.float32)
     for op in (lambda x, k: jc.conv(x, k, stride=2, padding="SAME", impl="manual"),
                lambda x, k: jc.conv(x, k, padding=1, impl="manual"),
+               lambda x, k: jc.conv(x, k, stride=2, dilation=2, padding="SAME", impl="manual"),
                lambda x, k: jc.conv_transpose(x[..., :1].repeat(3, -1), k, stride=2,
                                               impl="manual")):
         grad = str(jax.make_jaxpr(jax.grad(lambda x, k: jnp.sum(op(x, k)), (0, 1)))(x, k))
