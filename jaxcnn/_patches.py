@@ -348,7 +348,13 @@ def _pad_input(x, cfg: WindowConfig, p: Plan, g: _Geometry, *, gathered: bool):
     the elementwise product reads it through slices that XLA fuses with the padding."""
     pads = tuple((lo, want - n - lo) for (lo, _), n, want in
                  zip(cfg.padding, x.shape[1:-1], g.padded))
-    batch = p.n_tiles * p.n_tile
+    return _padded(x, pads, p.n_tiles * p.n_tile, gathered=gathered)
+
+
+def _padded(x, pads, batch: int, *, gathered: bool):
+    """``x`` padded by ``pads`` in its spatial dims and with zero images up to ``batch``;
+    written out first (:func:`jaxcnn._xla_cpu.materialize`) when a patch is ``gathered``
+    from it."""
     if all(lo == hi == 0 for lo, hi in pads) and batch == x.shape[0]:
         return x
     run = lambda x: _pad_batch(pad(x, pads), batch)   # noqa: E731
@@ -833,11 +839,7 @@ def _fold_setup(x, cfg: WindowConfig, p: Plan):
     g = _Geometry(rows, row.window, row.window, (p.n_tile, *rows), need, None)
     pads = tuple((lo, v - n - lo) if q < nd - 1 else (lo, max(hi, v - n - lo))
                  for q, ((lo, hi), n, v) in enumerate(zip(cfg.padding, x.shape[1:-1], need)))
-    batch = p.n_tiles * p.n_tile
-    xp = x
-    if batch != x.shape[0] or any(lo or hi for lo, hi in pads):
-        # Gathered in tiles: written out first, as in _pad_input.
-        xp = _xla_cpu.materialize(lambda x: _pad_batch(pad(x, pads), batch), x)
+    xp = _padded(x, pads, p.n_tiles * p.n_tile, gathered=True)   # its row patch is gathered
     return xp, row, rp, g, out, span
 
 
